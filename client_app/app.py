@@ -1,0 +1,156 @@
+"""The Mosaic ClientApp: decode a message, call plain-PyTorch code in ``common``, encode a reply.
+
+What leaves the client (and nothing else): model weights, its sample count, one label count per
+class, k-means prototypes (cluster centres of at least ``min-proto-samples`` samples) when the
+server asks for them, and its generator's weights once per run.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from common.config import RunConfig, parse_run_config
+from common.data import (
+    dataset_info,
+    generator_to_classifier_input,
+    label_counts,
+    load_client_partition,
+    load_dataset,
+    partition_indices,
+)
+from common.generator import train_generator
+from common.models import GeneratorSpec, build_classifier
+from common.paths import data_root
+from common.records import ARRAYS, pack_train_reply, record_to_state
+from common.train import compute_prototypes, evaluate, resolve_device, train_local
+
+app = ClientApp()
+
+
+def _identity(context: Context) -> tuple[int, int]:
+    """This node's partition, from node_config (filled by simulation or by --node-config)."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node config lacks {missing}: start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
+def _local_data(cfg: RunConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor, int]:
+    partition_id, num_partitions = _identity(context)
+    images, labels = load_client_partition(
+        cfg.dataset,
+        data_root(cfg, context.node_config),
+        partition_id,
+        num_partitions,
+        cfg.partitioning,
+        alpha=cfg.alpha,
+        classes_per_partition=cfg.classes_per_client,
+        min_partition_size=cfg.min_partition_size,
+        seed=cfg.seed,
+    )
+    return images, labels, partition_id
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local SGD from the global weights; prototypes and the generator when asked."""
+    cfg = parse_run_config(context.run_config)
+    round_config = msg.content["config"]
+    server_round = int(round_config["server-round"])
+    device = resolve_device(cfg.device)
+    info = dataset_info(cfg.dataset)
+    images, labels, partition_id = _local_data(cfg, context)
+    seed = cfg.seed + 1000 * partition_id + server_round
+
+    model = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    )
+    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
+
+    # Prototypes describe the data under the *global* model, so take them before training.
+    prototypes = None
+    if round_config.get("send-prototypes", False):
+        prototypes = compute_prototypes(
+            model,
+            images,
+            labels,
+            per_class=cfg.protos_per_class,
+            min_samples=cfg.min_proto_samples,
+            device=device,
+            seed=seed,
+        )
+
+    result = train_local(
+        model,
+        images,
+        labels,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=float(round_config["lr"]),
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        device=device,
+        seed=seed,
+    )
+    counts = label_counts(labels, info.num_classes)
+
+    generator_state = None
+    if round_config.get("train-generator", False):
+        log(INFO, "client %d: training its generator (%d steps)", partition_id, cfg.gen_steps)
+        trained = train_generator(
+            model,
+            images,
+            spec=GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels),
+            to_input=lambda x: generator_to_classifier_input(x, info),
+            label_counts=counts,
+            steps=cfg.gen_steps,
+            batch_size=cfg.gen_batch_size,
+            lr=cfg.gen_lr,
+            lambda_adv=cfg.lambda_adv,
+            lambda_div=cfg.lambda_div,
+            lambda_ent=cfg.lambda_ent,
+            lambda_inv=cfg.lambda_inv,
+            device=device,
+            seed=seed,
+            progress=lambda line: log(INFO, "client %d generator: %s", partition_id, line),
+        )
+        generator_state = trained.generator.state_dict()
+
+    content = pack_train_reply(
+        model.state_dict(),
+        num_examples=len(labels),
+        train_loss=result.mean_loss,
+        partition_id=partition_id,
+        label_counts=counts,
+        prototypes=prototypes,
+        generator_state=generator_state,
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Score the global weights on this node's IID share of the test split."""
+    cfg = parse_run_config(context.run_config)
+    info = dataset_info(cfg.dataset)
+    partition_id, num_partitions = _identity(context)
+    images, labels = load_dataset(cfg.dataset, data_root(cfg, context.node_config), train=False)
+    shard = partition_indices(labels.numpy(), num_partitions, "iid", seed=cfg.seed)[partition_id]
+    model = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    )
+    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
+    result = evaluate(model, images[shard], labels[shard], resolve_device(cfg.device))
+    metrics = MetricRecord(
+        {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,166 @@
+"""The run config schema: the one source of truth for every knob of a run.
+
+Flower hands the app a flat ``context.run_config`` (the ``[tool.flwr.app.config]`` defaults of
+pyproject.toml, merged with ``flwr run --run-config`` overrides). :func:`parse_run_config`
+validates all of it before any training starts: an unknown key, a wrong type or an
+out-of-range value raises :class:`ConfigError` with a message naming the key. Keys are
+kebab-case (``local-steps``) in TOML and on the command line; attributes are snake_case.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.data import dataset_names
+from common.models import classifier_names
+
+Strategy = Literal["mosaic", "fedavg", "fedprox"]
+Partitioning = Literal["dirichlet", "iid", "pathological"]
+GeneratorWeighting = Literal["uniform", "size", "coverage"]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A run config that must not start a run; the message names every offending key."""
+
+
+class RunConfig(BaseModel):
+    """Every setting of a run with its valid range.
+
+    No defaults here on purpose: Flower always merges ``[tool.flwr.app.config]`` of
+    pyproject.toml (the one place defaults live) under the overrides, so every key is present.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", strict=True, frozen=True
+    )
+
+    # --- run --------------------------------------------------------------------------------
+    strategy: Strategy
+    seed: int = Field(ge=0)
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    results_dir: str  # "" -> ~/mosaic-results; an absolute path is safest under Flower
+    run_name: str = Field(pattern=r"^[A-Za-z0-9._-]*$")  # "" -> strategy-dataset-timestamp
+    # --- data -------------------------------------------------------------------------------
+    dataset: str
+    data_root: str  # "" -> $MOSAIC_DATA_ROOT or ~/.cache/mosaic/data
+    partitioning: Partitioning
+    alpha: float = Field(gt=0)
+    classes_per_client: int = Field(ge=1)
+    min_partition_size: int = Field(ge=0)
+    # --- model and FedAvg -------------------------------------------------------------------
+    model: str
+    model_width: float = Field(gt=0, le=4)
+    num_rounds: int = Field(ge=1)
+    min_nodes: int = Field(ge=1)  # wait until this many nodes are connected and replying
+    fraction_train: float = Field(gt=0, le=1)
+    fraction_evaluate: float = Field(ge=0, le=1)
+    round_timeout: float = Field(gt=0)
+    local_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    proximal_mu: float = Field(ge=0)  # FedProx only
+    # --- Mosaic schedule --------------------------------------------------------------------
+    kd_round: int = Field(ge=1)  # W: meta model + distillation after this round
+    finetune_lr: float = Field(gt=0)  # client lr after kd-round
+    proto_start_round: int = Field(ge=1)  # R_p: clients upload prototypes from here
+    proto_bank_rounds: int = Field(ge=1)  # B: the bank keeps the last B rounds
+    protos_per_class: int = Field(ge=1)  # k: k-means centres per class per client
+    min_proto_samples: int = Field(ge=1)
+    # --- generator (client side, trained once) ----------------------------------------------
+    generator_round: int = Field(ge=0)  # 0 -> the kd-round
+    gen_latent_dim: int = Field(ge=1)
+    gen_channels: int = Field(ge=4)
+    gen_steps: int = Field(ge=0)
+    gen_batch_size: int = Field(ge=2)
+    gen_lr: float = Field(gt=0)
+    lambda_adv: float = Field(ge=0)
+    lambda_div: float = Field(ge=0)
+    lambda_ent: float = Field(ge=0)
+    lambda_inv: float = Field(ge=0)
+    # --- meta model (server) ----------------------------------------------------------------
+    meta_epochs: int = Field(ge=0)
+    meta_lr: float = Field(gt=0)
+    meta_batch_size: int = Field(ge=1)
+    meta_val_fraction: float = Field(ge=0, lt=1)
+    meta_patience: int = Field(ge=1)
+    meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
+    meta_prior: bool  # start from the expert ensemble and learn a correction
+    # --- distillation (server) --------------------------------------------------------------
+    kd_steps: int = Field(ge=0)
+    kd_batch_per_generator: int = Field(ge=1)
+    kd_lr: float = Field(gt=0)
+    kd_alpha: float = Field(ge=0, le=1)
+    kd_beta: float = Field(ge=0)
+    kd_temperature: float = Field(gt=0)
+    kd_generator_weighting: GeneratorWeighting
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> RunConfig:
+        if self.dataset not in dataset_names():
+            raise ValueError(f"dataset: {self.dataset!r} is not one of {dataset_names()}")
+        if self.model not in classifier_names():
+            raise ValueError(f"model: {self.model!r} is not one of {classifier_names()}")
+        if self.strategy == "mosaic":
+            if self.kd_round > self.num_rounds:
+                raise ValueError(
+                    f"kd-round: {self.kd_round} is after the last round (num-rounds = "
+                    f"{self.num_rounds})"
+                )
+            if self.proto_start_round > self.kd_round:
+                raise ValueError(
+                    f"proto-start-round: {self.proto_start_round} is after kd-round "
+                    f"{self.kd_round}, so the prototype bank would be empty"
+                )
+            if self.generator_round > self.kd_round:
+                raise ValueError(
+                    f"generator-round: {self.generator_round} is after kd-round {self.kd_round}"
+                )
+        return self
+
+    @property
+    def generator_round_resolved(self) -> int:
+        """The round in which clients train and upload their generator (once per run)."""
+        return self.generator_round or self.kd_round
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(
+            f"  {key}: {message} (got {item.get('input')!r})" if item["loc"] else f"  {message}"
+        )
+    return "invalid run config:\n" + "\n".join(lines)
+
+
+def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run config (kebab-case keys); raise :class:`ConfigError` naming keys."""
+    try:
+        return RunConfig.model_validate(dict(values))
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_profile(path: str | Path, base: Mapping[str, Any] | None = None) -> RunConfig:
+    """Validate a TOML profile (as passed to ``flwr run --run-config``) over ``base``."""
+    with Path(path).open("rb") as handle:
+        overrides = tomllib.load(handle)
+    return parse_run_config({**(base or {}), **overrides})
+
+
+def pyproject_defaults(pyproject: str | Path = "pyproject.toml") -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table: the defaults Flower merges overrides into."""
+    with Path(pyproject).open("rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]

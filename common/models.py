@@ -1,0 +1,203 @@
+"""Model registry: classifiers, generators and discriminators built by name.
+
+Configs name models (``build_classifier("cnn", width=0.5, ...)``) so that heterogeneity is a
+config value, not a code path. Every classifier exposes ``features(x)`` (the penultimate
+representation, used for prototypes) and ``head`` (the final linear layer, used by the experts
+on prototypes); ``forward(x) == head(features(x))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ImageShape = tuple[int, int, int]  # (channels, height, width)
+
+
+class Classifier(nn.Module):
+    """A feature extractor followed by a linear head."""
+
+    feature_dim: int
+    head: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SmallCNN(Classifier):
+    """Two conv blocks (conv-BN-ReLU-pool) and one hidden dense layer: the MNIST-family workhorse.
+
+    BatchNorm is there on purpose: experts average its running statistics and the generator's
+    inversion loss matches them.
+    """
+
+    def __init__(self, in_shape: ImageShape, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        channels, height, width_px = in_shape
+        c1, c2, hidden = (max(1, round(n * width)) for n in (32, 64, 128))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * (height // 4) * (width_px // 4), hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.feature_dim = hidden
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block (two 3x3 convs and a shortcut)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet18(Classifier):
+    """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as in the paper's code."""
+
+    def __init__(self, in_shape: ImageShape, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        planes = [max(1, round(p * width)) for p in (64, 128, 256, 512)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_shape[0], planes[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(planes[0]),
+            nn.ReLU(inplace=True),
+        ]
+        in_planes = planes[0]
+        for index, p in enumerate(planes):
+            for block_stride in (1 if index == 0 else 2, 1):
+                layers.append(BasicBlock(in_planes, p, block_stride))
+                in_planes = p
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = in_planes
+        self.head = nn.Linear(in_planes, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+_CLASSIFIERS: dict[str, Callable[..., Classifier]] = {
+    "cnn": SmallCNN,
+    "resnet18": CifarResNet18,
+}
+
+
+def classifier_names() -> list[str]:
+    """Names accepted by :func:`build_classifier` (the config schema checks against these)."""
+    return sorted(_CLASSIFIERS)
+
+
+def build_classifier(
+    name: str, *, num_classes: int, in_shape: ImageShape, width: float = 1.0
+) -> Classifier:
+    """Build a registered classifier; ``width`` scales every layer's channel count."""
+    if name not in _CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; known: {classifier_names()}")
+    return _CLASSIFIERS[name](in_shape=in_shape, num_classes=num_classes, width=width)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What a server needs to rebuild a client's generator from its uploaded weights."""
+
+    latent_dim: int
+    image_shape: ImageShape
+    base_channels: int = 32
+
+
+class Generator(nn.Module):
+    """DCGAN-style generator: z -> dense -> two stride-2 transposed convs -> tanh image.
+
+    Output is in [-1, 1]; map it with :func:`common.data.generator_to_classifier_input` before a
+    classifier sees it.
+    """
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__()
+        channels, height, width = spec.image_shape
+        if height % 4 or width % 4:
+            raise ValueError(f"generator needs image sides divisible by 4, got {height}x{width}")
+        c = spec.base_channels
+        self.spec = spec
+        self.start_shape = (2 * c, height // 4, width // 4)
+        self.project = nn.Sequential(
+            nn.Linear(spec.latent_dim, 2 * c * (height // 4) * (width // 4), bias=False),
+            nn.BatchNorm1d(2 * c * (height // 4) * (width // 4)),
+            nn.ReLU(inplace=True),
+        )
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c, channels, 4, 2, 1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.project(z).view(-1, *self.start_shape))
+
+    def sample(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Draw ``n`` images; the latent is standard normal, as in DCGAN."""
+        device = device or next(self.parameters()).device
+        return self(torch.randn(n, self.spec.latent_dim, device=device))
+
+
+class Discriminator(nn.Module):
+    """DCGAN-style discriminator returning one real/fake logit per image."""
+
+    def __init__(self, image_shape: ImageShape, base_channels: int = 32) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        c = base_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, c, 4, 2, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(2 * c),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Flatten(),
+            nn.Linear(2 * c * (height // 4) * (width // 4), 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def build_generator(spec: GeneratorSpec) -> Generator:
+    """Build the generator described by ``spec`` (server and client use the same call)."""
+    return Generator(spec)
+
+
+def build_discriminator(image_shape: ImageShape, base_channels: int = 32) -> Discriminator:
+    """Build the discriminator that trains alongside a client's generator (never uploaded)."""
+    return Discriminator(image_shape, base_channels)

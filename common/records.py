@@ -1,0 +1,213 @@
+"""Flower records <-> plain tensors, and the one place where a client's reply is validated.
+
+This is the only module under ``common/`` that imports Flower: both apps need the same
+encoding, and keeping encode and validate side by side keeps them in step. A reply that breaks
+a rule raises :class:`MalformedReplyError` naming the rule; the strategy drops that reply,
+logs it, and counts it. Nothing is ever unpickled: tensors travel as Flower ``Array``s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.train import Prototypes
+
+# Record names of a train reply. FedAvg itself only ever sees ARRAYS and METRICS.
+ARRAYS, METRICS, CLIENT, LABEL_COUNTS, PROTOTYPES, GENERATOR = (
+    "arrays",
+    "metrics",
+    "client",
+    "label-counts",
+    "prototypes",
+    "generator",
+)
+REQUIRED_KEYS = frozenset({ARRAYS, METRICS, CLIENT, LABEL_COUNTS})
+OPTIONAL_KEYS = frozenset({PROTOTYPES, GENERATOR})
+MAX_SAMPLES_PER_CLIENT = 10_000_000  # far above any partition; catches absurd counts
+
+
+class MalformedReplyError(ValueError):
+    """A client reply that must not be aggregated; ``rule`` says which check it failed."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+
+
+@dataclass
+class TrainReply:
+    """A validated train reply, decoded into tensors."""
+
+    partition_id: int
+    num_examples: int
+    train_loss: float
+    label_counts: list[int]
+    prototypes: Prototypes | None
+    generator_state: dict[str, torch.Tensor] | None
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as an ArrayRecord (detached, on CPU; order kept)."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord back into a torch state dict (no pickle involved)."""
+    return dict(record.to_torch_state_dict())
+
+
+def pack_train_reply(
+    state: Mapping[str, torch.Tensor],
+    *,
+    num_examples: int,
+    train_loss: float,
+    partition_id: int,
+    label_counts: list[int],
+    prototypes: Prototypes | None = None,
+    generator_state: Mapping[str, torch.Tensor] | None = None,
+) -> RecordDict:
+    """Everything a client may send after training: weights, counts, prototypes, generator."""
+    content = RecordDict(
+        {
+            ARRAYS: state_to_record(state),
+            METRICS: MetricRecord(
+                {"num-examples": int(num_examples), "train-loss": float(train_loss)}
+            ),
+            CLIENT: ConfigRecord({"partition-id": int(partition_id)}),
+            LABEL_COUNTS: MetricRecord({"counts": [int(c) for c in label_counts]}),
+        }
+    )
+    if prototypes is not None and len(prototypes.classes):
+        content[PROTOTYPES] = ArrayRecord(
+            {
+                "features": Array(prototypes.features.numpy().astype(np.float32)),
+                "classes": Array(prototypes.classes.numpy().astype(np.int64)),
+            }
+        )
+    if generator_state is not None:
+        content[GENERATOR] = state_to_record(generator_state)
+    return content
+
+
+def _check_state(
+    name: str, record: ArrayRecord, reference: Mapping[str, tuple[tuple[int, ...], str]]
+) -> dict[str, torch.Tensor]:
+    if set(record.keys()) != set(reference):
+        missing, extra = set(reference) - set(record.keys()), set(record.keys()) - set(reference)
+        raise MalformedReplyError(
+            f"{name}-keys", f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
+    state = record_to_state(record)
+    for key, tensor in state.items():
+        shape, dtype = reference[key]
+        if tuple(tensor.shape) != shape or str(tensor.dtype) != dtype:
+            raise MalformedReplyError(
+                f"{name}-shape",
+                f"{key} is {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}",
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MalformedReplyError(f"{name}-finite", f"{key} holds NaN or Inf")
+    return state
+
+
+def state_signature(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype per key: what a reply's arrays are checked against."""
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
+
+
+def validate_train_reply(
+    content: RecordDict,
+    *,
+    model_signature: Mapping[str, tuple[tuple[int, ...], str]],
+    num_classes: int,
+    feature_dim: int,
+    protos_per_class: int,
+    generator_signature: Mapping[str, tuple[tuple[int, ...], str]] | None,
+) -> TrainReply:
+    """Check every rule a train reply must satisfy and decode it; raise on the first broken one.
+
+    ``generator_signature`` is None when no generator is expected this round (one that arrives
+    anyway is rejected).
+    """
+    keys = set(content.keys())
+    if not keys >= REQUIRED_KEYS or keys - REQUIRED_KEYS - OPTIONAL_KEYS:
+        raise MalformedReplyError(
+            "record-keys",
+            f"missing {sorted(REQUIRED_KEYS - keys)}, "
+            f"unexpected {sorted(keys - REQUIRED_KEYS - OPTIONAL_KEYS)}",
+        )
+    _check_state("weights", content[ARRAYS], model_signature)
+
+    metrics = content[METRICS]
+    num_examples = metrics.get("num-examples")
+    if not isinstance(num_examples, int) or not 0 < num_examples <= MAX_SAMPLES_PER_CLIENT:
+        raise MalformedReplyError("num-examples", f"{num_examples!r} is not a sane sample count")
+    train_loss = metrics.get("train-loss", float("nan"))
+    partition_id = content[CLIENT].get("partition-id")
+    if not isinstance(partition_id, int) or partition_id < 0:
+        raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
+
+    counts = content[LABEL_COUNTS].get("counts")
+    if (
+        not isinstance(counts, list)
+        or len(counts) != num_classes
+        or not all(isinstance(c, int) and c >= 0 for c in counts)
+    ):
+        raise MalformedReplyError(
+            "label-counts", f"need {num_classes} non-negative ints, got {counts!r:.80}"
+        )
+    if sum(counts) != num_examples:
+        raise MalformedReplyError(
+            "label-counts-sum", f"counts sum to {sum(counts)}, num-examples is {num_examples}"
+        )
+
+    prototypes = None
+    if PROTOTYPES in content:
+        prototypes = _decode_prototypes(content[PROTOTYPES], num_classes, feature_dim)
+        per_class = torch.bincount(prototypes.classes, minlength=num_classes)
+        if per_class.max() > protos_per_class:
+            raise MalformedReplyError(
+                "prototypes-per-class",
+                f"{per_class.max()} centres for one class, max is {protos_per_class}",
+            )
+        if (per_class > 0).logical_and(torch.tensor(counts) == 0).any():
+            raise MalformedReplyError("prototypes-classes", "a prototype for a class not held")
+
+    generator_state = None
+    if GENERATOR in content:
+        if generator_signature is None:
+            raise MalformedReplyError("generator-unexpected", "no generator was asked for")
+        generator_state = _check_state("generator", content[GENERATOR], generator_signature)
+    return TrainReply(
+        partition_id=partition_id,
+        num_examples=num_examples,
+        train_loss=float(train_loss),
+        label_counts=list(counts),
+        prototypes=prototypes,
+        generator_state=generator_state,
+    )
+
+
+def _decode_prototypes(record: ArrayRecord, num_classes: int, feature_dim: int) -> Prototypes:
+    if set(record.keys()) != {"features", "classes"}:
+        raise MalformedReplyError("prototypes-keys", f"got {sorted(record.keys())}")
+    features = torch.from_numpy(record["features"].numpy().copy())
+    classes = torch.from_numpy(record["classes"].numpy().copy())
+    if features.dtype != torch.float32 or features.ndim != 2 or features.shape[1] != feature_dim:
+        raise MalformedReplyError(
+            "prototypes-shape",
+            f"features {tuple(features.shape)} {features.dtype}, "
+            f"expected [n, {feature_dim}] float32",
+        )
+    if classes.dtype != torch.int64 or classes.shape != (features.shape[0],):
+        raise MalformedReplyError("prototypes-shape", f"classes {tuple(classes.shape)}")
+    if not torch.isfinite(features).all():
+        raise MalformedReplyError("prototypes-finite", "features hold NaN or Inf")
+    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+        raise MalformedReplyError("prototypes-classes", "class id out of range")
+    return Prototypes(features, classes)

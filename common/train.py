@@ -1,0 +1,196 @@
+"""Plain-PyTorch training pieces a client (and the server's evaluation) runs.
+
+Nothing here knows about Flower: the apps translate messages into these calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.models import Classifier
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map the config's ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps") to a torch device.
+
+    "auto" picks CUDA when present, else CPU; this is the only place that decides.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    """What local training reports: the mean loss over its steps and how many samples it saw."""
+
+    mean_loss: float
+    samples_seen: int
+
+
+def train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> LocalTrainResult:
+    """Run ``steps`` SGD steps on random minibatches (the reference protocol counts steps).
+
+    With ``proximal_mu > 0`` the FedProx term mu/2 * ||w - w_global||^2 is added, where
+    w_global is the model as it was on entry.
+    """
+    model.to(device).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    rng = torch.Generator().manual_seed(seed)
+    total_loss = 0.0
+    batch = min(batch_size, len(labels))
+    for _ in range(steps):
+        index = torch.randint(len(labels), (batch,), generator=rng)
+        x, y = images[index].to(device), labels[index].to(device)
+        loss = F.cross_entropy(model(x), y)
+        if anchor is not None:
+            drift = sum(
+                (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+            )
+            loss = loss + 0.5 * proximal_mu * drift
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+    return LocalTrainResult(mean_loss=total_loss / steps, samples_seen=steps * batch)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) for all ``images``, returned on the CPU."""
+    model.to(device).eval()
+    return torch.cat(
+        [
+            model(images[i : i + batch_size].to(device)).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy and mean cross-entropy on a labelled set."""
+
+    accuracy: float
+    loss: float
+    num_examples: int
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    """Score precomputed logits (lets teachers and students share one scoring path)."""
+    return EvalResult(
+        accuracy=(logits.argmax(1) == labels).float().mean().item(),
+        loss=F.cross_entropy(logits, labels).item(),
+        num_examples=len(labels),
+    )
+
+
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> EvalResult:
+    """Accuracy and loss of ``model`` on a labelled set."""
+    return evaluate_logits(predict_logits(model, images, device), labels)
+
+
+def kmeans(points: torch.Tensor, k: int, *, iterations: int = 25, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; returns the assignment of each point.
+
+    Small and exact enough for the few hundred feature vectors a client has per class.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    centres = points[torch.randint(len(points), (1,), generator=rng)]
+    for _ in range(1, k):
+        distance = torch.cdist(points, centres).min(1).values.pow(2)
+        weights = distance / distance.sum() if distance.sum() > 0 else None
+        if weights is None:
+            choice = torch.randint(len(points), (1,), generator=rng)
+        else:
+            choice = torch.multinomial(weights, 1, generator=rng)
+        centres = torch.cat([centres, points[choice]])
+    assignment = torch.cdist(points, centres).argmin(1)
+    for _ in range(iterations):
+        for j in range(k):
+            members = points[assignment == j]
+            if len(members):
+                centres[j] = members.mean(0)
+        new_assignment = torch.cdist(points, centres).argmin(1)
+        if torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+    return assignment
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """Class prototypes: cluster centres in feature space, each with its class id."""
+
+    features: torch.Tensor  # float32 [n, d]
+    classes: torch.Tensor  # int64 [n]
+
+
+@torch.no_grad()
+def compute_prototypes(
+    model: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    per_class: int,
+    min_samples: int,
+    device: torch.device,
+    seed: int = 0,
+) -> Prototypes:
+    """Per class, up to ``per_class`` k-means centres of penultimate features.
+
+    Privacy rule (MOSAIC.md): every centre summarises at least ``min_samples`` samples. A class
+    gets k = min(per_class, n // min_samples) clusters; clusters that end up smaller than
+    ``min_samples`` are merged away by dropping them (their points are not sent on their own),
+    and a class with fewer than ``min_samples`` samples sends nothing.
+    """
+    model.to(device).eval()
+    features = torch.cat(
+        [model.features(images[i : i + 1024].to(device)).cpu() for i in range(0, len(images), 1024)]
+    )
+    centres, classes = [], []
+    for cls in labels.unique().tolist():
+        points = features[labels == cls]
+        k = min(per_class, len(points) // min_samples)
+        if k == 0:
+            continue
+        assignment = (
+            kmeans(points, k, seed=seed + cls)
+            if k > 1
+            else torch.zeros(len(points), dtype=torch.long)
+        )
+        for j in range(k):
+            members = points[assignment == j]
+            if len(members) >= min_samples:
+                centres.append(members.mean(0))
+                classes.append(cls)
+    if not centres:
+        return Prototypes(torch.empty(0, model.feature_dim), torch.empty(0, dtype=torch.long))
+    return Prototypes(torch.stack(centres).float(), torch.tensor(classes, dtype=torch.long))

@@ -1,0 +1,142 @@
+"""The Mosaic ServerApp: validate the config, build the strategy, run it, write the results.
+
+The config is checked before anything else, so a bad run config fails the run before a single
+client trains, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig, parse_run_config
+from common.data import dataset_info, load_dataset
+from common.models import build_classifier
+from common.paths import data_root, results_root
+from common.records import record_to_state, state_to_record
+from common.train import evaluate, resolve_device
+from server_app.report import RunReport
+from server_app.strategy import CheckedFedAvg, MosaicStrategy
+
+app = ServerApp()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the server touches (node sampling uses Python's ``random``)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
+    """Wall time per phase: federated rounds before/after distillation, generators, meta, KD."""
+    phases: dict[str, float] = {}
+    for server_round, round_log in strategy.rounds.items():
+        if cfg.strategy != "mosaic":
+            phase = "federated-rounds"
+        elif server_round == cfg.generator_round_resolved:
+            phase = "generator-round (local training + generator training)"
+        elif server_round <= cfg.kd_round:
+            phase = "warm-up-rounds"
+        else:
+            phase = "fine-tune-rounds"
+        mosaic = round_log.mosaic
+        server_side = mosaic.get("meta-seconds", 0.0) + mosaic.get("kd-seconds", 0.0)
+        phases[phase] = phases.get(phase, 0.0) + round_log.seconds - server_side
+        if mosaic:
+            phases["meta-model"] = mosaic.get("meta-seconds", 0.0)
+            phases["distillation"] = mosaic.get("kd-seconds", 0.0)
+    return {k: round(v, 1) for k, v in phases.items()}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedAvg or Mosaic for ``num-rounds`` rounds and write the results folder."""
+    started = time.perf_counter()
+    cfg = parse_run_config(context.run_config)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    info = dataset_info(cfg.dataset)
+    test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)
+    template = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    )
+    report = RunReport(results_root(cfg), cfg, dict(context.run_config))
+    log(INFO, "Results go to %s (device: %s)", report.folder, device)
+
+    def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
+        result = evaluate(model, test_images, test_labels, device)
+        return {"accuracy": result.accuracy, "loss": result.loss}
+
+    if cfg.strategy == "mosaic":
+        strategy: CheckedFedAvg = MosaicStrategy(
+            cfg, template, info, device=device, evaluate_model=evaluate_model
+        )
+    else:
+        strategy = CheckedFedAvg(cfg, template, info)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = copy.deepcopy(template)
+        model.load_state_dict(record_to_state(arrays))
+        metrics = evaluate_model(model)
+        round_log = strategy.rounds.get(server_round)
+        extra = {}
+        if round_log is not None:
+            extra = {
+                "seconds": round_log.seconds,
+                "replied": len(round_log.replied),
+                "rejected": len(round_log.rejected),
+                "failed": len(round_log.failed),
+                **round_log.mosaic,
+            }
+        report.record_round(server_round, **metrics, **extra)
+        report.write_participation(strategy.rounds)
+        report.write_label_counts(strategy.label_counts)
+        return MetricRecord(metrics)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=state_to_record(template.state_dict()),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_fn=evaluate_fn,
+    )
+
+    final_state = record_to_state(result.arrays)
+    report.write_model(final_state)
+    report.plot_accuracy()
+    if isinstance(strategy, MosaicStrategy) and strategy.generators:
+        report.save_generator_samples(strategy.generators, strategy.generator_spec, info)
+    for phase, seconds in phase_seconds(cfg, strategy).items():
+        report.add_phase_seconds(phase, seconds)
+    report.add_phase_seconds("total", round(time.perf_counter() - started, 1))
+    _log_summary(cfg, report)
+
+
+def _log_summary(cfg: RunConfig, report: RunReport) -> None:
+    last = report.rounds[max(report.rounds)]
+    log(INFO, "")
+    log(
+        INFO,
+        "==== %s on %s (%s, alpha=%s) ====",
+        cfg.strategy,
+        cfg.dataset,
+        cfg.partitioning,
+        cfg.alpha,
+    )
+    log(INFO, "final test accuracy: %.4f (round %d)", last["accuracy"], max(report.rounds))
+    kd = report.rounds.get(cfg.kd_round, {})
+    for key in ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy"):
+        if key in kd:
+            log(INFO, "%s: %.4f", key, kd[key])
+    for phase, seconds in report.phases.items():
+        log(INFO, "wall time %s: %.1f s", phase, seconds)
+    log(INFO, "results: %s", report.folder)

@@ -1,0 +1,212 @@
+"""Mixture of per-class experts and the prototype bank the meta model learns from.
+
+Expert ``c`` is the average of the client models weighted by how many samples of class ``c``
+each client holds, so under label skew it is dominated by the clients that actually saw ``c``.
+The experts share one architecture, so :class:`ExpertEnsemble` stacks their weights and runs
+all of them in one vmapped call instead of a Python loop over modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from common.models import Classifier
+
+
+def build_experts(
+    client_states: Sequence[Mapping[str, Tensor]], label_counts: np.ndarray | Tensor
+) -> dict[int, dict[str, Tensor]]:
+    """Average the client models once per class, weighted by each client's count of that class.
+
+    ``expert_c = sum_k n_kc * w_k / sum_k n_kc`` for every floating tensor, BatchNorm running
+    statistics included (they describe the data the weights were fitted on, so they follow the
+    same weights). Integer tensors (``num_batches_tracked``) cannot be averaged; they take the
+    maximum over the clients that hold the class.
+
+    Parameters
+    ----------
+    client_states
+        One state dict per client, all of the same architecture.
+    label_counts
+        ``[num_clients, num_classes]`` non-negative sample counts per client and class.
+
+    Returns
+    -------
+    dict[int, dict[str, Tensor]]
+        Class id -> expert state dict. Classes no client holds get no expert: an average with
+        all-zero weights is undefined, and a random expert would only add noise to the teacher.
+
+    Raises
+    ------
+    ValueError
+        If the states disagree on keys or shapes, or the counts do not fit the clients.
+    """
+    counts = torch.as_tensor(np.asarray(label_counts), dtype=torch.float64)
+    if counts.ndim != 2 or counts.shape[0] != len(client_states) or len(client_states) == 0:
+        raise ValueError(
+            f"label_counts must be [num_clients={len(client_states)}, num_classes] and non-empty,"
+            f" got shape {tuple(counts.shape)}"
+        )
+    if (counts < 0).any():
+        raise ValueError("label_counts must be non-negative")
+    reference = client_states[0]
+    for index, state in enumerate(client_states[1:], start=1):
+        if state.keys() != reference.keys():
+            raise ValueError(f"client {index} has different state keys than client 0")
+        for name, tensor in state.items():
+            if tensor.shape != reference[name].shape:
+                raise ValueError(
+                    f"client {index} {name!r} has shape {tuple(tensor.shape)},"
+                    f" client 0 has {tuple(reference[name].shape)}"
+                )
+
+    totals = counts.sum(dim=0)
+    classes = [c for c in range(counts.shape[1]) if totals[c] > 0]
+    weights = counts[:, classes] / totals[classes]  # [clients, experts], columns sum to 1
+    experts: dict[int, dict[str, Tensor]] = {c: {} for c in classes}
+    for name, ref in reference.items():
+        stacked = torch.stack([state[name].to(ref.device) for state in client_states])
+        if ref.is_floating_point():
+            w = weights.T.to(ref.device)
+            per_class = torch.tensordot(w, stacked.to(torch.float64), dims=1).to(ref.dtype)
+        else:
+            holders = (weights > 0).T.to(ref.device)
+            per_class = torch.stack([stacked[mask].amax(dim=0) for mask in holders])
+        for column, c in enumerate(classes):
+            experts[c][name] = per_class[column]
+    return experts
+
+
+class ExpertEnsemble(nn.Module):
+    """All experts of one architecture, evaluated together in eval mode (BN on running stats).
+
+    The stacked weights are buffers, not parameters: the ensemble is a frozen teacher, and
+    buffers still follow ``.to(device)``. ``chunk_size`` (passed to ``vmap``) bounds how many
+    experts run at once, for many experts of a large model on a small GPU.
+    """
+
+    def __init__(
+        self,
+        template: Classifier,
+        experts: Mapping[int, Mapping[str, Tensor]],
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.chunk_size = chunk_size
+        if not experts:
+            raise ValueError("an ensemble needs at least one expert")
+        self.expert_classes: list[int] = sorted(experts)
+        # A weightless copy of the architecture for functional_call; kept out of the module tree
+        # (in a tuple) so that .to(device) and state_dict() ignore it.
+        base = copy.deepcopy(template).to("meta").eval()
+        self._base: tuple[Classifier] = (base,)
+        self._names: list[str] = [name for name, _ in base.named_parameters()]
+        self._names += [name for name, _ in base.named_buffers()]
+        persistent = template.state_dict().keys()
+        template_tensors = dict(template.named_parameters()) | dict(template.named_buffers())
+        for name in self._names:
+            missing = [c for c in self.expert_classes if name not in experts[c]]
+            if name in persistent and missing:
+                raise ValueError(f"experts {missing} lack {name!r}")
+            # Non-persistent buffers are in no state dict: every expert takes the template's.
+            members = [experts[c].get(name, template_tensors[name]) for c in self.expert_classes]
+            self.register_buffer(self._buffer_name(name), torch.stack(members).detach().clone())
+
+    @staticmethod
+    def _buffer_name(name: str) -> str:
+        return "expert__" + name.replace(".", "__")
+
+    def _stacked(self, prefix: str = "") -> dict[str, Tensor]:
+        """The stacked tensors whose names start with ``prefix``, with the prefix removed."""
+        return {
+            name[len(prefix) :]: getattr(self, self._buffer_name(name))
+            for name in self._names
+            if name.startswith(prefix)
+        }
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run every full expert on images ``[B, ...]``; returns logits ``[B, E, C]``."""
+        base = self._base[0]
+
+        def run_one(state: dict[str, Tensor], images: Tensor) -> Tensor:
+            return functional_call(base, state, (images,))
+
+        run_all = vmap(run_one, in_dims=(0, None), chunk_size=self.chunk_size)
+        return run_all(self._stacked(), x).movedim(0, 1)
+
+    def heads(self, features: Tensor) -> Tensor:
+        """Apply only each expert's head to penultimate features ``[B, d]``; ``[B, E, C]``.
+
+        This is how prototypes (feature-space centres) are scored: they live after the body.
+        """
+        head = self._base[0].head
+
+        def run_one(state: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            return functional_call(head, state, (inputs,))
+
+        run_all = vmap(run_one, in_dims=(0, None), chunk_size=self.chunk_size)
+        return run_all(self._stacked("head."), features).movedim(0, 1)
+
+
+class PrototypeBank:
+    """Class prototypes from the last ``max_rounds`` distinct rounds (several clients a round).
+
+    Older rounds are dropped because they were computed with older global models, whose
+    feature space has drifted from the heads the experts now apply. Prototypes are kept on the
+    CPU as float32; move them where they are used. The window is the ``max_rounds`` highest
+    round numbers seen, so a late add for a round already outside it is dropped at once.
+    """
+
+    def __init__(self, max_rounds: int) -> None:
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        self.max_rounds = max_rounds
+        self._entries: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._feature_dim: int | None = None
+
+    def add(self, server_round: int, features: Tensor, classes: Tensor) -> None:
+        """Add ``features [n, d]`` with their ``classes [n]``; evict rounds beyond the window."""
+        if features.ndim != 2 or classes.ndim != 1 or features.shape[0] != classes.shape[0]:
+            raise ValueError(
+                f"expected features [n, d] and classes [n], got {tuple(features.shape)}"
+                f" and {tuple(classes.shape)}"
+            )
+        if self._feature_dim is not None and features.shape[1] != self._feature_dim:
+            raise ValueError(
+                f"feature dim {features.shape[1]} differs from the bank's {self._feature_dim}"
+            )
+        if features.shape[0] == 0:
+            return
+        self._feature_dim = features.shape[1]
+        entry = (
+            features.detach().to("cpu", torch.float32),
+            classes.detach().to("cpu", torch.int64),
+        )
+        self._entries.setdefault(server_round, []).append(entry)
+        for old_round in sorted(self._entries)[: -self.max_rounds]:
+            del self._entries[old_round]
+
+    @property
+    def rounds(self) -> list[int]:
+        """The rounds currently kept, oldest first."""
+        return sorted(self._entries)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All kept prototypes: features ``[N, d]`` float32 and classes ``[N]`` int64."""
+        entries = [entry for r in self.rounds for entry in self._entries[r]]
+        if not entries:
+            return torch.empty(0, self._feature_dim or 0), torch.empty(0, dtype=torch.int64)
+        return torch.cat([f for f, _ in entries]), torch.cat([c for _, c in entries])
+
+    def __len__(self) -> int:
+        return sum(f.shape[0] for entries in self._entries.values() for f, _ in entries)

@@ -1,0 +1,135 @@
+"""The results folder of a run: config, per-round metrics, label counts, model, plots, samples.
+
+Every file is rewritten after each round, so a run that stops early still leaves its history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the ServerApp has no display
+import matplotlib.pyplot as plt
+import torch
+from torchvision.utils import save_image
+
+from common.config import RunConfig
+from common.data import DatasetInfo, classifier_input_to_pixels, generator_to_classifier_input
+from common.models import GeneratorSpec, build_generator
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(partial, path)
+
+
+class RunReport:
+    """Collects what a run measured and writes it under ``<results-root>/<run-name>/``."""
+
+    def __init__(self, root: Path, cfg: RunConfig, run_config: dict[str, Any]) -> None:
+        name = cfg.run_name or f"{cfg.strategy}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.folder = root / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.phases: dict[str, float] = {}
+        _write_json(self.folder / "config.json", run_config)
+
+    def record_round(self, server_round: int, **values: Any) -> None:
+        """Merge ``values`` into the round's entry and rewrite metrics.json."""
+        self.rounds.setdefault(server_round, {}).update(values)
+        self._write_metrics()
+
+    def add_phase_seconds(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        _write_json(
+            self.folder / "metrics.json",
+            {
+                "rounds": {str(r): v for r, v in sorted(self.rounds.items())},
+                "phase-seconds": self.phases,
+            },
+        )
+
+    def write_label_counts(self, label_counts: dict[int, list[int]]) -> None:
+        _write_json(
+            self.folder / "label_counts.json",
+            {f"client-{pid}": counts for pid, counts in sorted(label_counts.items())},
+        )
+
+    def write_participation(self, rounds: dict[int, Any]) -> None:
+        _write_json(
+            self.folder / "participation.json",
+            {str(r): asdict(log) for r, log in sorted(rounds.items())},
+        )
+
+    def write_model(self, state: dict[str, torch.Tensor]) -> Path:
+        """The final global model as a plain state dict: load with ``weights_only=True``."""
+        path = self.folder / "final_model.pt"
+        torch.save({k: v.cpu() for k, v in state.items()}, path)
+        return path
+
+    def plot_accuracy(self) -> Path:
+        path = self.folder / "accuracy.png"
+        rounds = sorted(r for r, v in self.rounds.items() if "accuracy" in v)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(
+            rounds,
+            [self.rounds[r]["accuracy"] for r in rounds],
+            marker="o",
+            label=f"global model ({self.cfg.strategy})",
+        )
+        kd = self.rounds.get(self.cfg.kd_round, {})
+        if "teacher-accuracy" in kd:
+            ax.axhline(
+                kd["teacher-accuracy"], color="gray", linestyle="--", label="MoE + meta teacher"
+            )
+        if "pre-kd-accuracy" in kd:
+            ax.scatter(
+                [self.cfg.kd_round],
+                [kd["pre-kd-accuracy"]],
+                color="red",
+                zorder=3,
+                label="before distillation",
+            )
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{self.cfg.dataset}, {self.cfg.partitioning} alpha={self.cfg.alpha}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def save_generator_samples(
+        self,
+        generators: dict[int, dict[str, torch.Tensor]],
+        spec: GeneratorSpec,
+        info: DatasetInfo,
+        per_client: int = 64,
+    ) -> list[Path]:
+        """One PNG grid of samples per client generator, as the classifier would see them."""
+        folder = self.folder / "generator_samples"
+        folder.mkdir(exist_ok=True)
+        paths = []
+        for partition_id, state in sorted(generators.items()):
+            generator = build_generator(spec)
+            generator.load_state_dict(state)
+            generator.eval()
+            with torch.no_grad():
+                images = generator_to_classifier_input(generator.sample(per_client, "cpu"), info)
+            path = folder / f"client-{partition_id}.png"
+            save_image(classifier_input_to_pixels(images, info), path, nrow=8)
+            paths.append(path)
+        return paths

@@ -1,0 +1,307 @@
+"""Server strategies: FedAvg with reply validation, and Mosaic on top of it.
+
+``CheckedFedAvg`` is Flower's FedAvg plus three things every strategy here needs: each reply is
+validated in one place before anything is averaged (a malformed one is dropped, logged and
+counted), the client learning rate follows the run's schedule, and who took part is recorded.
+FedProx is the same class with ``proximal-mu`` in the config (the client adds the term).
+
+``MosaicStrategy`` adds the Mosaic steps around FedAvg's aggregation: it keeps a bounded bank
+of prototypes, stores each client's generator (sent once), and at ``kd-round`` builds the
+per-class experts, trains the meta model on the bank and distills the MoE + meta teacher into
+the FedAvg model on generator samples. The science lives in ``moe``, ``meta`` and ``distill``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.config import RunConfig
+from common.data import DatasetInfo, generator_to_classifier_input
+from common.models import Classifier, Generator, GeneratorSpec, build_generator
+from common.records import (
+    ARRAYS,
+    METRICS,
+    MalformedReplyError,
+    TrainReply,
+    record_to_state,
+    state_signature,
+    state_to_record,
+    validate_train_reply,
+)
+from server_app.distill import distill
+from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
+from server_app.moe import ExpertEnsemble, PrototypeBank, build_experts
+
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@dataclass
+class RoundLog:
+    """Who took part in a round and what became of their replies."""
+
+    sampled: list[int] = field(default_factory=list)
+    replied: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    partitions: dict[int, int] = field(default_factory=dict)  # node id -> partition id
+    seconds: float = 0.0
+    mosaic: dict[str, float] = field(default_factory=dict)
+
+
+class CheckedFedAvg(FedAvg):
+    """FedAvg that validates every reply and follows the run config's lr schedule."""
+
+    def __init__(self, cfg: RunConfig, template: Classifier, info: DatasetInfo) -> None:
+        super().__init__(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=min(cfg.min_nodes, 2),
+            min_evaluate_nodes=min(cfg.min_nodes, 2),
+            min_available_nodes=cfg.min_nodes,
+        )
+        self.cfg = cfg
+        self.info = info
+        self.template = template
+        self.model_signature = state_signature(template.state_dict())
+        self.rounds: dict[int, RoundLog] = {}
+        self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
+        self._round_started = 0.0
+
+    # --- schedule --------------------------------------------------------------------------
+    def round_config(self, server_round: int) -> dict[str, bool | float]:
+        """Per-round instructions to clients (the rest of the config they read themselves)."""
+        return {"lr": self.cfg.lr}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes as FedAvg does, with this round's learning rate and requests."""
+        self._round_started = time.perf_counter()
+        round_config = ConfigRecord({**config, **self.round_config(server_round)})
+        messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        self.rounds[server_round] = RoundLog(sampled=[m.metadata.dst_node_id for m in messages])
+        return messages
+
+    # --- aggregation -----------------------------------------------------------------------
+    def generator_signature(self, server_round: int) -> dict | None:
+        """Shapes a generator upload must have this round; None when none is expected."""
+        return None
+
+    def validate_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[tuple[Message, TrainReply]]:
+        """Drop error replies and malformed ones (logged with the rule broken), decode the rest."""
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        accepted = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                round_log.failed[node] = msg.error.reason
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            try:
+                reply = validate_train_reply(
+                    msg.content,
+                    model_signature=self.model_signature,
+                    num_classes=self.info.num_classes,
+                    feature_dim=self.template.feature_dim,
+                    protos_per_class=self.cfg.protos_per_class,
+                    generator_signature=self.generator_signature(server_round),
+                )
+            except MalformedReplyError as error:
+                round_log.rejected[node] = error.rule
+                log(WARNING, "round %d: rejected reply of node %d (%s)", server_round, node, error)
+                continue
+            round_log.replied.append(node)
+            round_log.partitions[node] = reply.partition_id
+            self.label_counts.setdefault(reply.partition_id, reply.label_counts)
+            accepted.append((msg, reply))
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, then FedAvg over the accepted replies (weights and metrics only)."""
+        accepted = self.validate_replies(server_round, replies)
+        fedavg_view = [_strip_to_fedavg(msg) for msg, _ in accepted]
+        arrays, metrics = super().aggregate_train(server_round, fedavg_view)
+        if arrays is not None:
+            arrays = self._like_template(arrays)
+            arrays = self.after_aggregation(server_round, arrays, accepted)
+        self.rounds[server_round].seconds = time.perf_counter() - self._round_started
+        return arrays, metrics
+
+    def after_aggregation(
+        self, server_round: int, arrays: ArrayRecord, accepted: list[tuple[Message, TrainReply]]
+    ) -> ArrayRecord:
+        """Hook for server-side work on the new global model; FedAvg keeps it as it is."""
+        return arrays
+
+    def _like_template(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Cast averaged arrays back to the model's dtypes (FedAvg turns int counters to float)."""
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(record_to_state(arrays))
+        return state_to_record(model.state_dict())
+
+
+def _strip_to_fedavg(msg: Message) -> Message:
+    """A view of a reply with only what FedAvg averages (it demands exactly one ArrayRecord
+    and one MetricRecord); the original keeps its prototypes and generator."""
+    content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: msg.content[METRICS]})
+    view = copy.copy(msg)
+    view.content = content
+    return view
+
+
+class MosaicStrategy(CheckedFedAvg):
+    """FedAvg rounds, then MoE + meta-model distillation at ``kd-round``, then fine-tuning."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        template: Classifier,
+        info: DatasetInfo,
+        *,
+        device: torch.device,
+        evaluate_model: Evaluator,
+    ) -> None:
+        super().__init__(cfg, template, info)
+        self.device = device
+        self.evaluate_model = evaluate_model
+        self.generator_spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels)
+        self.generators: dict[int, dict[str, torch.Tensor]] = {}  # partition id -> weights
+        self.bank = PrototypeBank(max_rounds=cfg.proto_bank_rounds)
+        self.meta_model: MetaModel | None = None
+
+    def round_config(self, server_round: int) -> dict[str, bool | float]:
+        cfg = self.cfg
+        return {
+            "lr": cfg.finetune_lr if server_round > cfg.kd_round else cfg.lr,
+            "send-prototypes": cfg.proto_start_round <= server_round <= cfg.kd_round,
+            "train-generator": server_round == cfg.generator_round_resolved,
+        }
+
+    def generator_signature(self, server_round: int) -> dict | None:
+        if server_round != self.cfg.generator_round_resolved:
+            return None
+        return state_signature(build_generator(self.generator_spec).state_dict())
+
+    def validate_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[tuple[Message, TrainReply]]:
+        accepted = super().validate_replies(server_round, replies)
+        for _, reply in accepted:
+            if reply.prototypes is not None:
+                self.bank.add(server_round, reply.prototypes.features, reply.prototypes.classes)
+            if reply.generator_state is not None:
+                self.generators[reply.partition_id] = reply.generator_state
+        return accepted
+
+    def after_aggregation(
+        self, server_round: int, arrays: ArrayRecord, accepted: list[tuple[Message, TrainReply]]
+    ) -> ArrayRecord:
+        if server_round != self.cfg.kd_round:
+            return arrays
+        states = [record_to_state(msg.content[ARRAYS]) for msg, _ in accepted]
+        counts = np.array([reply.label_counts for _, reply in accepted])
+        student = copy.deepcopy(self.template)
+        student.load_state_dict(record_to_state(arrays))
+        figures = self.distill_round(student, states, counts)
+        self.rounds[server_round].mosaic = figures
+        return state_to_record(student.state_dict())
+
+    def distill_round(
+        self, student: Classifier, states: list[dict[str, torch.Tensor]], counts: np.ndarray
+    ) -> dict[str, float]:
+        """Experts -> meta model on the bank -> distillation into ``student`` (in place)."""
+        cfg, figures = self.cfg, {}
+        started = time.perf_counter()
+        ensemble = ExpertEnsemble(self.template, build_experts(states, counts)).to(self.device)
+        features, classes = self.bank.tensors()
+        log(
+            INFO,
+            "Mosaic: %d experts, %d prototypes in the bank",
+            len(ensemble.expert_classes),
+            len(classes),
+        )
+        with torch.no_grad():
+            inputs = ensemble.heads(features.to(self.device))
+        meta = MetaModel(len(ensemble.expert_classes), self.info.num_classes, prior=cfg.meta_prior)
+        trained = train_meta_model(
+            meta,
+            inputs,
+            classes.to(self.device),
+            epochs=cfg.meta_epochs,
+            lr=cfg.meta_lr,
+            batch_size=cfg.meta_batch_size,
+            val_fraction=cfg.meta_val_fraction,
+            patience=cfg.meta_patience,
+            ema_decay=cfg.meta_ema,
+            seed=cfg.seed,
+            device=self.device,
+            progress=lambda line: log(INFO, "Mosaic meta model: %s", line),
+        )
+        self.meta_model = trained.model
+        teacher = MosaicTeacher(ensemble, trained.model).to(self.device).eval()
+        figures["meta-seconds"] = time.perf_counter() - started
+        figures["meta-val-accuracy"] = trained.val_accuracy
+        figures.update({f"teacher-{k}": v for k, v in self.evaluate_model(teacher).items()})
+        figures.update({f"pre-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+
+        generators, weights = self._generators(counts)
+        if not generators:
+            log(WARNING, "Mosaic: no generator arrived; distillation skipped")
+            return figures
+        started = time.perf_counter()
+        result = distill(
+            student,
+            teacher,
+            generators,
+            to_input=lambda x: generator_to_classifier_input(x, self.info),
+            steps=cfg.kd_steps,
+            batch_per_generator=cfg.kd_batch_per_generator,
+            lr=cfg.kd_lr,
+            alpha=cfg.kd_alpha,
+            beta=cfg.kd_beta,
+            temperature=cfg.kd_temperature,
+            generator_weights=weights,
+            device=self.device,
+            seed=cfg.seed,
+            progress=lambda line: log(INFO, "Mosaic distillation: %s", line),
+        )
+        figures["kd-seconds"] = time.perf_counter() - started
+        figures["kd-agreement"] = result.teacher_student_agreement
+        figures.update({f"post-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+        log(
+            INFO,
+            "Mosaic: teacher %.4f, global before KD %.4f, after KD %.4f",
+            figures["teacher-accuracy"],
+            figures["pre-kd-accuracy"],
+            figures["post-kd-accuracy"],
+        )
+        return figures
+
+    def _generators(self, counts: np.ndarray) -> tuple[list[Generator], list[float] | None]:
+        generators = []
+        for partition_id in sorted(self.generators):
+            generator = build_generator(self.generator_spec)
+            generator.load_state_dict(self.generators[partition_id])
+            generators.append(generator.to(self.device))
+        weighting = self.cfg.kd_generator_weighting
+        if weighting == "uniform" or not generators:
+            return generators, None
+        held = {pid: self.label_counts[pid] for pid in sorted(self.generators)}
+        if weighting == "size":
+            return generators, [float(sum(c)) for c in held.values()]
+        return generators, [float(sum(1 for n in c if n > 0)) for c in held.values()]

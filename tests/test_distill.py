@@ -1,0 +1,186 @@
+"""Distillation loss (KL + hard-label CE + true JS) and the distillation loop."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common.models import Generator, GeneratorSpec
+from server_app.distill import distill, jensen_shannon, kd_loss
+
+
+def _js(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    return jensen_shannon(p_logits.log_softmax(1), q_logits.log_softmax(1))
+
+
+def test_identical_distributions_leave_only_hard_label_term() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    ce = torch.nn.functional.cross_entropy(logits, logits.argmax(1))
+
+    loss = kd_loss(logits, logits, alpha=0.8, beta=1.0)
+
+    torch.testing.assert_close(loss, 0.2 * ce)
+
+
+def test_two_class_case_by_hand() -> None:
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # p = (3/4, 1/4)
+    student = torch.zeros(1, 2)  # q = (1/2, 1/2), m = (5/8, 3/8)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    ce = math.log(2.0)
+    js = 0.5 * (
+        0.75 * math.log(0.75 / 0.625)
+        + 0.25 * math.log(0.25 / 0.375)
+        + 0.5 * math.log(0.5 / 0.625)
+        + 0.5 * math.log(0.5 / 0.375)
+    )
+
+    assert kd_loss(student, teacher).item() == pytest.approx(0.8 * kl + 0.2 * ce + js, abs=1e-6)
+    # T = 2 with doubled teacher logits gives the same p, and KL gains the factor T^2;
+    # the hard-label CE uses the raw student logits.
+    loss_t2 = kd_loss(student, 2 * teacher, temperature=2.0).item()
+    assert loss_t2 == pytest.approx(0.8 * 4 * kl + 0.2 * ce + js, abs=1e-6)
+
+
+def test_js_is_symmetric_bounded_by_ln2_and_finite_at_extremes() -> None:
+    a = torch.tensor([[1000.0, -1000.0], [2.0, 0.0]])
+    b = torch.tensor([[-1000.0, 1000.0], [0.0, 1.0]])
+
+    js_ab, js_ba = _js(a, b), _js(b, a)
+
+    assert torch.isfinite(js_ab).all()
+    torch.testing.assert_close(js_ab, js_ba)
+    assert js_ab[0].item() == pytest.approx(math.log(2.0), abs=1e-6)  # disjoint supports
+    assert (js_ab <= math.log(2.0) + 1e-6).all() and (js_ab >= 0).all()
+    assert _js(a, a).abs().max() < 1e-6
+
+
+def test_flat_teacher_still_pulls_student_to_its_argmax() -> None:
+    teacher = torch.tensor([[1e-3, 0.0, 0.0, 0.0]])  # soft output ~uniform, argmax class 0
+    student = torch.zeros(1, 4, requires_grad=True)
+
+    loss = kd_loss(student, teacher, alpha=0.8, beta=1.0)
+    loss.backward()
+
+    assert loss.item() == pytest.approx(0.2 * math.log(4.0), abs=1e-4)
+    assert student.grad[0, 0] < -0.1  # raising the argmax logit lowers the loss
+    soft_only = kd_loss(student, teacher, alpha=1.0, beta=1.0)
+    assert soft_only.item() < 1e-6
+
+
+def test_gradients_reach_student_only() -> None:
+    student = torch.randn(4, 3, requires_grad=True)
+    teacher = torch.randn(4, 3, requires_grad=True)
+
+    kd_loss(student, teacher).backward()
+
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_sample_weights_are_normalised_to_mean_one() -> None:
+    student, teacher = torch.randn(2, 3), torch.randn(2, 3)
+
+    weighted = kd_loss(student, teacher, sample_weights=torch.tensor([5.0, 0.0]))
+
+    torch.testing.assert_close(weighted, kd_loss(student[:1], teacher[:1]))
+    same = kd_loss(student, teacher, sample_weights=torch.tensor([3.0, 3.0]))
+    torch.testing.assert_close(same, kd_loss(student, teacher))
+
+
+def _tiny_problem() -> tuple[nn.Module, nn.Module, list[Generator]]:
+    """A linear teacher on 1x4x4 images, a small student with BatchNorm, two generators."""
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        teacher[1].weight.mul_(4.0)
+    student = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    with torch.no_grad():
+        student[2].running_mean.uniform_(-0.2, 0.2)
+        student[2].running_var.uniform_(0.5, 1.5)
+    spec = GeneratorSpec(latent_dim=8, image_shape=(1, 4, 4), base_channels=4)
+    return teacher, student, [Generator(spec), Generator(spec)]
+
+
+@torch.no_grad()
+def _agreement_and_loss(
+    student: nn.Module, teacher: nn.Module, images: torch.Tensor
+) -> tuple[float, float]:
+    student.eval()
+    s, t = student(images), teacher(images)
+    return (s.argmax(1) == t.argmax(1)).float().mean().item(), kd_loss(s, t).item()
+
+
+def test_distill_reduces_loss_and_raises_agreement() -> None:
+    teacher, student, generators = _tiny_problem()
+    with torch.no_grad():
+        images = torch.cat([g.train()(torch.randn(128, 8)) for g in generators])
+    for g in generators:
+        g.eval()
+    generator_buffers = [{k: v.clone() for k, v in g.state_dict().items()} for g in generators]
+    bn_before = {k: v.clone() for k, v in student[2].named_buffers()}
+    agreement_before, loss_before = _agreement_and_loss(student, teacher, images)
+    student.train()
+    lines: list[str] = []
+
+    result = distill(
+        student,
+        teacher,
+        generators,
+        to_input=lambda x: x,
+        steps=200,
+        batch_per_generator=32,
+        lr=1e-2,
+        device="cpu",
+        progress=lines.append,
+    )
+
+    agreement_after, loss_after = _agreement_and_loss(student, teacher, images)
+    assert result.steps == 200 and len(lines) == 4
+    assert loss_after < 0.7 * loss_before
+    assert agreement_after > agreement_before and agreement_after >= 0.9
+    assert result.teacher_student_agreement >= 0.85
+    assert result.mean_loss_last_50 < loss_before
+    # The student's BN running statistics describe real data and must not move.
+    for name, value in student[2].named_buffers():
+        torch.testing.assert_close(value, bn_before[name])
+    # Generators come back in their mode with their running statistics untouched.
+    for g, saved in zip(generators, generator_buffers, strict=True):
+        assert not g.training
+        for name, value in g.state_dict().items():
+            torch.testing.assert_close(value, saved[name])
+
+
+def test_distill_restores_student_modes_and_checks_generator_weights() -> None:
+    teacher, student, generators = _tiny_problem()
+    student.eval()
+
+    result = distill(
+        student,
+        teacher,
+        generators,
+        to_input=lambda x: x,
+        steps=3,
+        generator_weights=[3.0, 1.0],
+        device="cpu",
+    )
+
+    assert result.steps == 3 and math.isfinite(result.final_loss)
+    assert not any(m.training for m in student.modules())
+    with pytest.raises(ValueError):
+        distill(
+            student, teacher, generators, to_input=lambda x: x, steps=1,
+            generator_weights=[1.0], device="cpu",
+        )  # fmt: skip
+
+
+def test_zero_steps_return_immediately_and_leave_student_alone() -> None:
+    teacher, student, generators = _tiny_problem()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+
+    result = distill(student, teacher, generators, to_input=lambda x: x, steps=0, device="cpu")
+
+    assert result.steps == 0
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(value, before[name])
