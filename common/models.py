@@ -30,6 +30,13 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last activations: on CPU this torch's NCHW max-pool and BatchNorm kernels are
+    several times slower (measured: 10k-image evaluation 2.9 s -> 0.8 s, a train step 25 -> 16
+    ms). Only the activation layout changes; build_classifier lays the weights out to match."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class SmallCNN(Classifier):
     """Two conv blocks (conv-BN-ReLU-pool) and one hidden dense layer: the MNIST-family workhorse.
 
@@ -58,7 +65,7 @@ class SmallCNN(Classifier):
         self.head = nn.Linear(hidden, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(_channels_last(x))
 
 
 class BasicBlock(nn.Module):
@@ -103,7 +110,7 @@ class CifarResNet18(Classifier):
         self.head = nn.Linear(in_planes, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(_channels_last(x))
 
 
 _CLASSIFIERS: dict[str, Callable[..., Classifier]] = {
@@ -120,10 +127,15 @@ def classifier_names() -> list[str]:
 def build_classifier(
     name: str, *, num_classes: int, in_shape: ImageShape, width: float = 1.0
 ) -> Classifier:
-    """Build a registered classifier; ``width`` scales every layer's channel count."""
+    """Build a registered classifier; ``width`` scales every layer's channel count.
+
+    Weights are laid out channels-last, like the activations (see :func:`_channels_last`);
+    state dicts leaving the process are made contiguous by ``common.records``.
+    """
     if name not in _CLASSIFIERS:
         raise ValueError(f"unknown classifier {name!r}; known: {classifier_names()}")
-    return _CLASSIFIERS[name](in_shape=in_shape, num_classes=num_classes, width=width)
+    model = _CLASSIFIERS[name](in_shape=in_shape, num_classes=num_classes, width=width)
+    return model.to(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ class TrainReply:
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """A state dict as an ArrayRecord (detached, on CPU; order kept)."""
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    """A state dict as an ArrayRecord (detached, contiguous, on CPU; order kept)."""
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:

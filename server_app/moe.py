@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from common.models import Classifier
 
@@ -86,76 +85,43 @@ def build_experts(
 class ExpertEnsemble(nn.Module):
     """All experts of one architecture, evaluated together in eval mode (BN on running stats).
 
-    The stacked weights are buffers, not parameters: the ensemble is a frozen teacher, and
-    buffers still follow ``.to(device)``. ``chunk_size`` (passed to ``vmap``) bounds how many
-    experts run at once, for many experts of a large model on a small GPU.
+    The experts are plain copies of the template run one after another. ``torch.func``'s
+    ``vmap`` over ``functional_call`` was tried first and measured 7x slower on the CPU here
+    (2,560 FashionMNIST images through 10 SmallCNN experts: 15.3 s against 2.3 s), because the
+    batched convolution loses the channels-last kernels; a loop of E small models is also what
+    one reads most easily. The ensemble is a frozen teacher: no parameter requires grad.
     """
 
-    def __init__(
-        self,
-        template: Classifier,
-        experts: Mapping[int, Mapping[str, Tensor]],
-        chunk_size: int | None = None,
-    ) -> None:
+    def __init__(self, template: Classifier, experts: Mapping[int, Mapping[str, Tensor]]) -> None:
         super().__init__()
-        self.chunk_size = chunk_size
         if not experts:
             raise ValueError("an ensemble needs at least one expert")
         self.expert_classes: list[int] = sorted(experts)
-        # A weightless copy of the architecture for functional_call; kept out of the module tree
-        # (in a tuple) so that .to(device) and state_dict() ignore it.
-        base = copy.deepcopy(template).to("meta").eval()
-        self._base: tuple[Classifier] = (base,)
-        self._names: list[str] = [name for name, _ in base.named_parameters()]
-        self._names += [name for name, _ in base.named_buffers()]
-        persistent = template.state_dict().keys()
-        template_tensors = dict(template.named_parameters()) | dict(template.named_buffers())
-        for name in self._names:
-            missing = [c for c in self.expert_classes if name not in experts[c]]
-            if name in persistent and missing:
-                raise ValueError(f"experts {missing} lack {name!r}")
-            # Non-persistent buffers are in no state dict: every expert takes the template's.
-            members = [experts[c].get(name, template_tensors[name]) for c in self.expert_classes]
-            self.register_buffer(self._buffer_name(name), torch.stack(members).detach().clone())
-
-    @staticmethod
-    def _buffer_name(name: str) -> str:
-        return "expert__" + name.replace(".", "__")
-
-    def _stacked(self, prefix: str = "") -> dict[str, Tensor]:
-        """The stacked tensors whose names start with ``prefix``, with the prefix removed."""
-        return {
-            name[len(prefix) :]: getattr(self, self._buffer_name(name))
-            for name in self._names
-            if name.startswith(prefix)
-        }
+        members = []
+        for c in self.expert_classes:
+            member = copy.deepcopy(template)
+            member.load_state_dict(experts[c])
+            members.append(member.eval().requires_grad_(False))
+        self.members = nn.ModuleList(members)
 
     @property
     def num_experts(self) -> int:
         return len(self.expert_classes)
 
+    def train(self, mode: bool = True) -> ExpertEnsemble:
+        """Stay in eval mode: experts always use their averaged BatchNorm statistics."""
+        return super().train(False)
+
     def forward(self, x: Tensor) -> Tensor:
         """Run every full expert on images ``[B, ...]``; returns logits ``[B, E, C]``."""
-        base = self._base[0]
-
-        def run_one(state: dict[str, Tensor], images: Tensor) -> Tensor:
-            return functional_call(base, state, (images,))
-
-        run_all = vmap(run_one, in_dims=(0, None), chunk_size=self.chunk_size)
-        return run_all(self._stacked(), x).movedim(0, 1)
+        return torch.stack([member(x) for member in self.members], dim=1)
 
     def heads(self, features: Tensor) -> Tensor:
         """Apply only each expert's head to penultimate features ``[B, d]``; ``[B, E, C]``.
 
         This is how prototypes (feature-space centres) are scored: they live after the body.
         """
-        head = self._base[0].head
-
-        def run_one(state: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(head, state, (inputs,))
-
-        run_all = vmap(run_one, in_dims=(0, None), chunk_size=self.chunk_size)
-        return run_all(self._stacked("head."), features).movedim(0, 1)
+        return torch.stack([member.head(features) for member in self.members], dim=1)
 
 
 class PrototypeBank:

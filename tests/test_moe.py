@@ -83,8 +83,6 @@ def test_ensemble_forward_equals_each_expert_run_alone() -> None:
         expert = build_classifier("cnn", num_classes=3, in_shape=(1, 8, 8), width=0.25)
         expert.load_state_dict(experts[c])
         torch.testing.assert_close(logits[:, index], expert.eval()(x), atol=1e-5, rtol=1e-5)
-    chunked = ExpertEnsemble(clients[0], experts, chunk_size=2)(x)
-    torch.testing.assert_close(chunked, logits)
 
 
 def test_ensemble_heads_equal_each_expert_head() -> None:
@@ -105,7 +103,8 @@ def test_ensemble_is_frozen_and_moves_with_to() -> None:
     client = _trained_like_classifier(0)
     ensemble = ExpertEnsemble(client, build_experts([client.state_dict()], np.ones((1, 3))))
 
-    assert list(ensemble.parameters()) == []
+    assert not any(p.requires_grad for p in ensemble.parameters())
+    assert not ensemble.train().training
     moved = ensemble.to(torch.float64)
     assert all(b.dtype == torch.float64 for b in moved.buffers() if b.is_floating_point())
     assert moved(torch.randn(2, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64
