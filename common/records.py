@@ -97,11 +97,20 @@ def pack_train_reply(
 def _check_state(
     name: str, record: ArrayRecord, reference: Mapping[str, tuple[tuple[int, ...], str]]
 ) -> dict[str, torch.Tensor]:
+    if not isinstance(record, ArrayRecord):
+        raise MalformedReplyError("record-types", f"{name} is a {type(record).__name__}")
     if set(record.keys()) != set(reference):
         missing, extra = set(reference) - set(record.keys()), set(record.keys()) - set(reference)
         raise MalformedReplyError(
             f"{name}-keys", f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
+    for key, array in record.items():  # check before converting: torch rejects odd dtypes
+        shape, dtype = reference[key]
+        if tuple(array.shape) != shape or array.dtype != dtype.removeprefix("torch."):
+            raise MalformedReplyError(
+                f"{name}-shape",
+                f"{key} is {tuple(array.shape)} {array.dtype}, expected {shape} {dtype}",
+            )
     state = record_to_state(record)
     for key, tensor in state.items():
         shape, dtype = reference[key]
@@ -113,6 +122,11 @@ def _check_state(
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MalformedReplyError(f"{name}-finite", f"{key} holds NaN or Inf")
     return state
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def state_signature(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -141,22 +155,38 @@ def validate_train_reply(
             f"missing {sorted(REQUIRED_KEYS - keys)}, "
             f"unexpected {sorted(keys - REQUIRED_KEYS - OPTIONAL_KEYS)}",
         )
+    expected_types = {
+        ARRAYS: ArrayRecord,
+        METRICS: MetricRecord,
+        CLIENT: ConfigRecord,
+        LABEL_COUNTS: MetricRecord,
+        PROTOTYPES: ArrayRecord,
+        GENERATOR: ArrayRecord,
+    }
+    for key in keys:
+        if not isinstance(content[key], expected_types[key]):
+            raise MalformedReplyError("record-types", f"{key} is a {type(content[key]).__name__}")
     _check_state("weights", content[ARRAYS], model_signature)
 
     metrics = content[METRICS]
-    num_examples = metrics.get("num-examples")
-    if not isinstance(num_examples, int) or not 0 < num_examples <= MAX_SAMPLES_PER_CLIENT:
+    if set(metrics.keys()) != {"num-examples", "train-loss"}:
+        # FedAvg demands identical metric keys across replies: one odd reply would end the run.
+        raise MalformedReplyError("metrics-keys", f"got {sorted(metrics.keys())}")
+    num_examples = metrics["num-examples"]
+    if not _is_int(num_examples) or not 0 < num_examples <= MAX_SAMPLES_PER_CLIENT:
         raise MalformedReplyError("num-examples", f"{num_examples!r} is not a sane sample count")
-    train_loss = metrics.get("train-loss", float("nan"))
+    train_loss = metrics["train-loss"]
+    if not isinstance(train_loss, float) or not np.isfinite(train_loss):
+        raise MalformedReplyError("train-loss", f"{train_loss!r} is not a finite float")
     partition_id = content[CLIENT].get("partition-id")
-    if not isinstance(partition_id, int) or partition_id < 0:
+    if not _is_int(partition_id) or partition_id < 0:
         raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
 
     counts = content[LABEL_COUNTS].get("counts")
     if (
         not isinstance(counts, list)
         or len(counts) != num_classes
-        or not all(isinstance(c, int) and c >= 0 for c in counts)
+        or not all(_is_int(c) and c >= 0 for c in counts)
     ):
         raise MalformedReplyError(
             "label-counts", f"need {num_classes} non-negative ints, got {counts!r:.80}"

@@ -183,6 +183,12 @@ class MosaicStrategy(CheckedFedAvg):
         self.generators: dict[int, dict[str, torch.Tensor]] = {}  # partition id -> weights
         self.bank = PrototypeBank(max_rounds=cfg.proto_bank_rounds)
         self.meta_model: MetaModel | None = None
+        # Built once, off the global RNG, so the server's randomness does not depend on how
+        # many replies were validated.
+        with torch.random.fork_rng():
+            self._generator_signature = state_signature(
+                build_generator(self.generator_spec).state_dict()
+            )
 
     def round_config(self, server_round: int) -> dict[str, bool | float]:
         cfg = self.cfg
@@ -195,7 +201,7 @@ class MosaicStrategy(CheckedFedAvg):
     def generator_signature(self, server_round: int) -> dict | None:
         if server_round != self.cfg.generator_round_resolved:
             return None
-        return state_signature(build_generator(self.generator_spec).state_dict())
+        return self._generator_signature
 
     def validate_replies(
         self, server_round: int, replies: Iterable[Message]

@@ -1,0 +1,83 @@
+"""A tiny fake FashionMNIST on disk (torchvision's raw IDX layout) and a tiny run config.
+
+The images are learnable on purpose: class c lights one 7x7 block of a 4x4 grid (plus noise),
+so a few SGD steps already beat chance and accuracy-based checks mean something.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import pyproject_defaults
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+NUM_CLASSES = 10
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file of uint8 data, the format torchvision's MNIST readers parse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    magic = (0x08 << 8) | array.ndim
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(magic.to_bytes(4, "big") + dims + array.astype(np.uint8).tobytes())
+
+
+def class_pattern_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 images [N, 28, 28]: dim noise plus a bright 7x7 block whose place is the class."""
+    pixels = rng.integers(0, 60, size=(len(labels), 28, 28))
+    for index, label in enumerate(labels):
+        row, col = divmod(int(label), 4)
+        pixels[index, 7 * row : 7 * row + 7, 7 * col : 7 * col + 7] += 180
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def write_fake_fashion_mnist(
+    root: str | Path, *, n_train: int = 600, n_test: int = 200, seed: int = 0
+) -> Path:
+    """Write ``root/FashionMNIST/raw/*-ubyte`` with balanced, shuffled labels; return ``root``."""
+    root = Path(root)
+    raw = root / "FashionMNIST" / "raw"
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES)
+        _write_idx(raw / f"{split}-images-idx3-ubyte", class_pattern_images(labels, rng))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+TINY_SIZES: dict[str, Any] = {
+    "num-rounds": 3,
+    "kd-round": 2,
+    "proto-start-round": 1,
+    "proto-bank-rounds": 2,
+    "local-steps": 3,
+    "gen-steps": 3,
+    "gen-batch-size": 8,
+    "meta-epochs": 2,
+    "kd-steps": 3,
+    "kd-batch-per-generator": 4,
+    "min-nodes": 2,
+    "min-partition-size": 5,
+    "alpha": 1.0,
+    "model-width": 0.25,
+    "gen-channels": 8,
+    "batch-size": 16,
+    "device": "cpu",
+    "round-timeout": 60.0,
+    "run-name": "test-run",
+}
+
+
+def tiny_run_config(root: str | Path, results_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The pyproject defaults with tiny sizes, reading ``root`` and writing ``results_dir``.
+
+    ``overrides`` use snake_case names (``num_rounds=1``) and become kebab-case keys.
+    """
+    config = pyproject_defaults(PYPROJECT)
+    config.update(TINY_SIZES)
+    config.update({"data-root": str(root), "results-dir": str(results_dir)})
+    config.update({key.replace("_", "-"): value for key, value in overrides.items()})
+    return config
