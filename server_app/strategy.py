@@ -227,23 +227,28 @@ class MosaicStrategy(CheckedFedAvg):
         self.rounds[server_round].mosaic = figures
         return state_to_record(student.state_dict())
 
-    def distill_round(
-        self, student: Classifier, states: list[dict[str, torch.Tensor]], counts: np.ndarray
-    ) -> dict[str, float]:
-        """Experts -> meta model on the bank -> distillation into ``student`` (in place)."""
-        cfg, figures = self.cfg, {}
-        started = time.perf_counter()
+    def build_teacher(
+        self, states: list[dict[str, torch.Tensor]], counts: np.ndarray
+    ) -> tuple[torch.nn.Module, dict[str, float]]:
+        """The MoE + meta teacher: per-class experts, meta model trained on the bank.
+
+        Baselines that distill another teacher (an ensemble, experts without the meta model)
+        override this one method.
+        """
+        cfg = self.cfg
         ensemble = ExpertEnsemble(self.template, build_experts(states, counts)).to(self.device)
         features, classes = self.bank.tensors()
         log(
             INFO,
             "Mosaic: %d experts, %d prototypes in the bank",
-            len(ensemble.expert_classes),
+            ensemble.num_experts,
             len(classes),
         )
         with torch.no_grad():
             inputs = ensemble.heads(features.to(self.device))
-        meta = MetaModel(len(ensemble.expert_classes), self.info.num_classes, prior=cfg.meta_prior)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            meta = MetaModel(ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior)
         trained = train_meta_model(
             meta,
             inputs,
@@ -260,8 +265,16 @@ class MosaicStrategy(CheckedFedAvg):
         )
         self.meta_model = trained.model
         teacher = MosaicTeacher(ensemble, trained.model).to(self.device).eval()
+        return teacher, {"meta-val-accuracy": trained.val_accuracy}
+
+    def distill_round(
+        self, student: Classifier, states: list[dict[str, torch.Tensor]], counts: np.ndarray
+    ) -> dict[str, float]:
+        """Teacher (experts -> meta model on the bank) -> distillation into ``student``."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        teacher, figures = self.build_teacher(states, counts)
         figures["meta-seconds"] = time.perf_counter() - started
-        figures["meta-val-accuracy"] = trained.val_accuracy
         figures.update({f"teacher-{k}": v for k, v in self.evaluate_model(teacher).items()})
         figures.update({f"pre-kd-{k}": v for k, v in self.evaluate_model(student).items()})
 
