@@ -14,6 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client_app.faults import inject_fault, misbehaves
 from common.config import RunConfig, parse_run_config
 from common.data import (
     dataset_info,
@@ -134,6 +135,8 @@ def train(msg: Message, context: Context) -> Message:
         prototypes=prototypes,
         generator_state=generator_state,
     )
+    if misbehaves(cfg, partition_id):  # tests only: see client_app/faults.py
+        content = inject_fault(content, cfg, feature_dim=model.feature_dim)
     return Message(content, reply_to=msg)
 
 

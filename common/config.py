@@ -22,6 +22,19 @@ from common.models import classifier_names
 Strategy = Literal["mosaic", "fedavg", "fedprox"]
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
+FaultMode = Literal[
+    "none",
+    "nan-weights",
+    "wrong-shape",
+    "missing-key",
+    "extra-key",
+    "negative-counts",
+    "huge-counts",
+    "oversized-prototypes",
+    "wrong-generator",
+    "raise",
+    "straggle",
+]
 
 
 def _kebab(name: str) -> str:
@@ -40,7 +53,12 @@ class RunConfig(BaseModel):
     """
 
     model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", strict=True, frozen=True
+        alias_generator=_kebab,
+        populate_by_name=True,
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        allow_inf_nan=False,  # TOML has inf and nan; no knob here means either
     )
 
     # --- run --------------------------------------------------------------------------------
@@ -49,6 +67,7 @@ class RunConfig(BaseModel):
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     results_dir: str  # "" -> ~/mosaic-results; an absolute path is safest under Flower
     run_name: str = Field(pattern=r"^[A-Za-z0-9._-]*$")  # "" -> strategy-dataset-timestamp
+    resume: bool  # continue <results-dir>/<run-name> from its last checkpoint
     # --- data -------------------------------------------------------------------------------
     dataset: str
     data_root: str  # "" -> $MOSAIC_DATA_ROOT or ~/.cache/mosaic/data
@@ -64,6 +83,7 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(gt=0, le=1)
     fraction_evaluate: float = Field(ge=0, le=1)
     round_timeout: float = Field(gt=0)
+    min_replies: int = Field(ge=1)  # fewer accepted replies in a round -> the round is skipped
     local_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -104,6 +124,9 @@ class RunConfig(BaseModel):
     kd_beta: float = Field(ge=0)
     kd_temperature: float = Field(gt=0)
     kd_generator_weighting: GeneratorWeighting
+    # --- fault injection (tests only: one partition sends a malformed reply, see faults.py) --
+    fault_mode: FaultMode
+    fault_partition: int = Field(ge=-1)  # -1 -> no partition misbehaves
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -126,6 +149,18 @@ class RunConfig(BaseModel):
                 raise ValueError(
                     f"generator-round: {self.generator_round} is after kd-round {self.kd_round}"
                 )
+        if self.resume and not self.run_name:
+            raise ValueError("resume: needs the run-name of the run to continue")
+        if self.min_replies > self.min_nodes:
+            raise ValueError(
+                f"min-replies: {self.min_replies} is more than min-nodes {self.min_nodes}, so a "
+                "run could start with too few nodes to ever complete a round"
+            )
+        if self.fault_mode != "none" and self.fault_partition < 0:
+            raise ValueError(
+                f"fault-partition: fault-mode {self.fault_mode!r} needs the partition that "
+                "misbehaves (>= 0)"
+            )
         return self
 
     @property

@@ -141,12 +141,14 @@ def validate_train_reply(
     num_classes: int,
     feature_dim: int,
     protos_per_class: int,
+    prototypes_expected: bool,
     generator_signature: Mapping[str, tuple[tuple[int, ...], str]] | None,
 ) -> TrainReply:
     """Check every rule a train reply must satisfy and decode it; raise on the first broken one.
 
-    ``generator_signature`` is None when no generator is expected this round (one that arrives
-    anyway is rejected).
+    ``prototypes_expected`` is False in rounds where the server did not ask for prototypes, and
+    ``generator_signature`` is None when no generator is expected this round: either block
+    arriving anyway is rejected.
     """
     keys = set(content.keys())
     if not keys >= REQUIRED_KEYS or keys - REQUIRED_KEYS - OPTIONAL_KEYS:
@@ -198,6 +200,8 @@ def validate_train_reply(
 
     prototypes = None
     if PROTOTYPES in content:
+        if not prototypes_expected:
+            raise MalformedReplyError("prototypes-unexpected", "no prototypes were asked for")
         prototypes = _decode_prototypes(content[PROTOTYPES], num_classes, feature_dim)
         per_class = torch.bincount(prototypes.classes, minlength=num_classes)
         if per_class.max() > protos_per_class:

@@ -2,6 +2,13 @@
 
 The config is checked before anything else, so a bad run config fails the run before a single
 client trains, with a message naming the key.
+
+After every round the server's whole state goes into ``checkpoint.pt`` in the results folder
+(see ``server_app.checkpoint``). With ``resume = true`` a run loads it and runs only the rounds
+left. Flower's ``Strategy.start`` always counts rounds from 1, so rather than copy its loop the
+resumed run calls it for the remaining rounds and the strategy adds ``round_offset`` (the rounds
+already done) to the round number in every hook; the server's RNG states are restored last, so
+node sampling continues exactly where the stopped run left it.
 """
 
 from __future__ import annotations
@@ -9,11 +16,11 @@ from __future__ import annotations
 import copy
 import random
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,6 +30,13 @@ from common.models import build_classifier
 from common.paths import data_root, results_root
 from common.records import record_to_state, state_to_record
 from common.train import evaluate, resolve_device
+from server_app.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from server_app.report import RunReport
 from server_app.strategy import CheckedFedAvg, MosaicStrategy
 
@@ -83,7 +97,18 @@ def main(grid: Grid, context: Context) -> None:
     else:
         strategy = CheckedFedAvg(cfg, template, info)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    initial_arrays = state_to_record(template.state_dict())
+    checkpoint = load_checkpoint(report.folder) if cfg.resume else None
+    if checkpoint is not None:
+        initial_arrays = resume(checkpoint, context.run_config, strategy, report)
+    elif cfg.resume:
+        log(WARNING, "resume: no checkpoint in %s, so the run starts at round 1", report.folder)
+    done = strategy.round_offset
+
+    def evaluate_fn(step: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = step + done  # Flower counts from 1 in every start()
+        if step == 0 and done:
+            return None  # a resumed model was evaluated after its round, before the stop
         model = copy.deepcopy(template)
         model.load_state_dict(record_to_state(arrays))
         metrics = evaluate_model(model)
@@ -95,22 +120,34 @@ def main(grid: Grid, context: Context) -> None:
                 "replied": len(round_log.replied),
                 "rejected": len(round_log.rejected),
                 "failed": len(round_log.failed),
+                "missing": len(round_log.missing),
+                "skipped": int(bool(round_log.skipped)),
                 **round_log.mosaic,
             }
         report.record_round(server_round, **metrics, **extra)
         report.write_participation(strategy.rounds)
         report.write_label_counts(strategy.label_counts)
+        if server_round > 0:  # the state a resumed run starts from; the RNG states come last
+            state = {
+                "round": server_round,
+                "run-config": dict(context.run_config),
+                "global-model": record_to_state(arrays),
+                "strategy": strategy.state_dict(),
+                "metrics": report.state_dict(),
+            }
+            save_checkpoint(report.folder, {**state, "rng": rng_state()})
         return MetricRecord(metrics)
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=state_to_record(template.state_dict()),
-        num_rounds=cfg.num_rounds,
+        initial_arrays=initial_arrays,
+        num_rounds=cfg.num_rounds - done,
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate_fn,
     )
 
-    final_state = record_to_state(result.arrays)
+    # Flower's result holds the last aggregated model: none when every round it ran was skipped.
+    final_state = record_to_state(result.arrays if len(result.arrays) else initial_arrays)
     report.write_model(final_state)
     report.plot_accuracy()
     if isinstance(strategy, MosaicStrategy) and strategy.generators:
@@ -119,6 +156,23 @@ def main(grid: Grid, context: Context) -> None:
         report.add_phase_seconds(phase, seconds)
     report.add_phase_seconds("total", round(time.perf_counter() - started, 1))
     _log_summary(cfg, report)
+
+
+def resume(
+    checkpoint: dict, run_config: UserConfig, strategy: CheckedFedAvg, report: RunReport
+) -> ArrayRecord:
+    """Load a checkpoint into the strategy, the report and the RNGs; return its global model.
+
+    Sets ``strategy.round_offset`` to the checkpoint's round. Raises ``ConfigError`` when the
+    run config differs from the checkpoint's in a key that changes what is computed.
+    """
+    check_resumable(checkpoint["run-config"], run_config)
+    strategy.load_state_dict(checkpoint["strategy"])
+    strategy.round_offset = checkpoint["round"]
+    report.load_state_dict(checkpoint["metrics"])
+    set_rng_state(checkpoint["rng"])  # last, so that nothing above moves it
+    log(INFO, "Resuming after round %d from %s", checkpoint["round"], report.folder)
+    return state_to_record(checkpoint["global-model"])
 
 
 def _log_summary(cfg: RunConfig, report: RunReport) -> None:

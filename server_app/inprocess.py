@@ -4,17 +4,23 @@ Flower's simulation engine (Ray) and real deployment are how the app is meant to
 Grid is for what needs the full server loop without either: unit and fault-injection tests,
 quick experiments and benchmarks on a 2-core machine where Ray's start-up dominates a small run.
 Each node keeps its own ``Context`` (node config and state) across rounds, as a SuperNode does,
-and a ClientApp exception comes back as an error reply, as it would over the network.
+a ClientApp exception comes back as an error reply, as it would over the network, and a reply
+that took a node longer than the round timeout is dropped, as Flower's Grid stops waiting for
+it. Nodes run one after another, so the timeout applies to each node's own time, as if they ran
+in parallel.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
+from logging import WARNING
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -92,6 +98,7 @@ class InProcessGrid(Grid):
         replies = []
         for msg in messages:
             node_id = msg.metadata.dst_node_id
+            started = time.monotonic()
             try:
                 reply = self.client_app(msg, self.contexts[node_id])
             except Exception as error:  # a node's crash becomes its error reply
@@ -103,9 +110,13 @@ class InProcessGrid(Grid):
                 )
             if self.tamper is not None:
                 reply = self.tamper(node_id, reply)
-            if reply is not None:
-                self.sent.append(reply)
-                replies.append(reply)
+            if reply is None:
+                continue
+            self.sent.append(reply)
+            if timeout is not None and time.monotonic() - started > timeout:
+                log(WARNING, "node %d answered after the %.1f s timeout: dropped", node_id, timeout)
+                continue
+            replies.append(reply)
         return replies
 
 

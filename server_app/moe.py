@@ -176,3 +176,17 @@ class PrototypeBank:
 
     def __len__(self) -> int:
         return sum(f.shape[0] for entries in self._entries.values() for f, _ in entries)
+
+    def state_dict(self) -> dict[int, list[dict[str, Tensor]]]:
+        """The kept prototypes per round as plain data, for checkpoints."""
+        return {
+            r: [{"features": f, "classes": c} for f, c in self._entries[r]] for r in self.rounds
+        }
+
+    def load_state_dict(self, state: Mapping[int, Sequence[Mapping[str, Tensor]]]) -> None:
+        """Replace the bank's content with what :meth:`state_dict` returned."""
+        self._entries.clear()
+        self._feature_dim = None
+        for server_round, entries in sorted(state.items()):
+            for entry in entries:
+                self.add(server_round, entry["features"], entry["classes"])

@@ -48,6 +48,15 @@ class RunReport:
         self.rounds.setdefault(server_round, {}).update(values)
         self._write_metrics()
 
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        """The per-round metrics so far, for checkpoints (phase times are per process)."""
+        return {r: dict(values) for r, values in self.rounds.items()}
+
+    def load_state_dict(self, rounds: dict[int, dict[str, Any]]) -> None:
+        """Take back the metrics of a checkpoint and rewrite metrics.json with them."""
+        self.rounds = {r: dict(values) for r, values in rounds.items()}
+        self._write_metrics()
+
     def add_phase_seconds(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
         self._write_metrics()

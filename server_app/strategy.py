@@ -5,6 +5,18 @@ validated in one place before anything is averaged (a malformed one is dropped, 
 counted), the client learning rate follows the run's schedule, and who took part is recorded.
 FedProx is the same class with ``proximal-mu`` in the config (the client adds the term).
 
+Dropouts and stragglers: a node that has not answered within ``round-timeout`` is recorded as
+missing. A round with fewer than ``min-replies`` accepted replies is skipped: the global model
+stays as it was, nothing of the round's replies is kept (no label counts, prototypes or
+generators; for Mosaic, a skipped ``kd-round`` means no distillation in this run), the round is
+recorded as skipped with the reason, and the next round starts as planned. A run never waits
+longer than the timeout for a round and never stops because of one.
+
+Resume: ``state_dict``/``load_state_dict`` carry what a strategy learned across a restart, and
+``round_offset`` (the rounds done before this ``start``) turns Flower's loop counter into the
+run's round number in every hook, so a resumed run sends and logs the same rounds as one that
+never stopped.
+
 ``MosaicStrategy`` adds the Mosaic steps around FedAvg's aggregation: it keeps a bounded bank
 of prototypes, stores each client's generator (sent once), and at ``kd-round`` builds the
 per-class experts, trains the meta model on the bank and distills the MoE + meta teacher into
@@ -15,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -42,6 +54,7 @@ from common.records import (
 from server_app.distill import distill
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import ExpertEnsemble, PrototypeBank, build_experts
+from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, log_uplink
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -54,19 +67,24 @@ class RoundLog:
     replied: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)  # sampled, no reply within the timeout
+    skipped: str = ""  # why the round was skipped (fewer than min-replies accepted); "" if not
     partitions: dict[int, int] = field(default_factory=dict)  # node id -> partition id
     seconds: float = 0.0
     mosaic: dict[str, float] = field(default_factory=dict)
+    traffic: NodeTraffic = field(default_factory=dict)  # bytes per node, record (traffic.py)
 
 
 class CheckedFedAvg(FedAvg):
     """FedAvg that validates every reply and follows the run config's lr schedule."""
 
     def __init__(self, cfg: RunConfig, template: Classifier, info: DatasetInfo) -> None:
+        check_payload_limits(cfg)  # before a generator is built: fail fast, naming the keys
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=min(cfg.min_nodes, 2),
+            # never sample fewer nodes than a round needs replies (min-replies <= min-nodes)
+            min_train_nodes=max(min(cfg.min_nodes, 2), cfg.min_replies),
             min_evaluate_nodes=min(cfg.min_nodes, 2),
             min_available_nodes=cfg.min_nodes,
         )
@@ -76,6 +94,7 @@ class CheckedFedAvg(FedAvg):
         self.model_signature = state_signature(template.state_dict())
         self.rounds: dict[int, RoundLog] = {}
         self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
+        self.round_offset = 0  # rounds completed before this start() (set when resuming)
         self._round_started = 0.0
 
     # --- schedule --------------------------------------------------------------------------
@@ -87,13 +106,19 @@ class CheckedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes as FedAvg does, with this round's learning rate and requests."""
+        server_round += self.round_offset
         self._round_started = time.perf_counter()
         round_config = ConfigRecord({**config, **self.round_config(server_round)})
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
         self.rounds[server_round] = RoundLog(sampled=[m.metadata.dst_node_id for m in messages])
+        log_downlink(self.rounds[server_round].traffic, messages)
         return messages
 
     # --- aggregation -----------------------------------------------------------------------
+    def prototypes_expected(self, server_round: int) -> bool:
+        """Whether clients were asked for prototypes this round (FedAvg never asks)."""
+        return False
+
     def generator_signature(self, server_round: int) -> dict | None:
         """Shapes a generator upload must have this round; None when none is expected."""
         return None
@@ -106,6 +131,7 @@ class CheckedFedAvg(FedAvg):
         accepted = []
         for msg in replies:
             node = msg.metadata.src_node_id
+            log_uplink(round_log.traffic, msg)
             if msg.has_error():
                 round_log.failed[node] = msg.error.reason
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
@@ -117,6 +143,7 @@ class CheckedFedAvg(FedAvg):
                     num_classes=self.info.num_classes,
                     feature_dim=self.template.feature_dim,
                     protos_per_class=self.cfg.protos_per_class,
+                    prototypes_expected=self.prototypes_expected(server_round),
                     generator_signature=self.generator_signature(server_round),
                 )
             except MalformedReplyError as error:
@@ -125,15 +152,35 @@ class CheckedFedAvg(FedAvg):
                 continue
             round_log.replied.append(node)
             round_log.partitions[node] = reply.partition_id
-            self.label_counts.setdefault(reply.partition_id, reply.label_counts)
             accepted.append((msg, reply))
+        answered = {*round_log.replied, *round_log.failed, *round_log.rejected}
+        round_log.missing = [node for node in round_log.sampled if node not in answered]
         return accepted
+
+    def keep_replies(self, server_round: int, accepted: list[tuple[Message, TrainReply]]) -> None:
+        """Keep what the server needs from the accepted replies of a round that is not skipped."""
+        for _, reply in accepted:
+            self.label_counts.setdefault(reply.partition_id, reply.label_counts)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, then FedAvg over the accepted replies (weights and metrics only)."""
+        """Validate, then FedAvg over the accepted replies (weights and metrics only).
+
+        Returns ``(None, None)`` for a round with fewer than ``min-replies`` accepted replies:
+        Flower then keeps the previous global model.
+        """
+        server_round += self.round_offset
         accepted = self.validate_replies(server_round, replies)
+        round_log = self.rounds[server_round]
+        if len(accepted) < self.cfg.min_replies:
+            round_log.skipped = (
+                f"{len(accepted)} accepted replies, min-replies is {self.cfg.min_replies}"
+            )
+            log(WARNING, "round %d skipped (%s): model kept", server_round, round_log.skipped)
+            round_log.seconds = time.perf_counter() - self._round_started
+            return None, None
+        self.keep_replies(server_round, accepted)
         fedavg_view = [_strip_to_fedavg(msg) for msg, _ in accepted]
         arrays, metrics = super().aggregate_train(server_round, fedavg_view)
         if arrays is not None:
@@ -147,6 +194,31 @@ class CheckedFedAvg(FedAvg):
     ) -> ArrayRecord:
         """Hook for server-side work on the new global model; FedAvg keeps it as it is."""
         return arrays
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, told the run's round number (see ``round_offset``)."""
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """FedAvg's, told the run's round number (see ``round_offset``)."""
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+
+    # --- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the strategy gathered so far, as plain data (see ``server_app.checkpoint``)."""
+        return {
+            "rounds": {r: asdict(round_log) for r, round_log in self.rounds.items()},
+            "label-counts": dict(self.label_counts),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Take back what :meth:`state_dict` returned."""
+        self.rounds = {r: RoundLog(**round_log) for r, round_log in state["rounds"].items()}
+        self.label_counts = dict(state["label-counts"])
 
     def _like_template(self, arrays: ArrayRecord) -> ArrayRecord:
         """Cast averaged arrays back to the model's dtypes (FedAvg turns int counters to float)."""
@@ -194,25 +266,50 @@ class MosaicStrategy(CheckedFedAvg):
         cfg = self.cfg
         return {
             "lr": cfg.finetune_lr if server_round > cfg.kd_round else cfg.lr,
-            "send-prototypes": cfg.proto_start_round <= server_round <= cfg.kd_round,
+            "send-prototypes": self.prototypes_expected(server_round),
             "train-generator": server_round == cfg.generator_round_resolved,
         }
+
+    def prototypes_expected(self, server_round: int) -> bool:
+        return self.cfg.proto_start_round <= server_round <= self.cfg.kd_round
 
     def generator_signature(self, server_round: int) -> dict | None:
         if server_round != self.cfg.generator_round_resolved:
             return None
         return self._generator_signature
 
-    def validate_replies(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[tuple[Message, TrainReply]]:
-        accepted = super().validate_replies(server_round, replies)
+    def keep_replies(self, server_round: int, accepted: list[tuple[Message, TrainReply]]) -> None:
+        super().keep_replies(server_round, accepted)
         for _, reply in accepted:
             if reply.prototypes is not None:
                 self.bank.add(server_round, reply.prototypes.features, reply.prototypes.classes)
             if reply.generator_state is not None:
                 self.generators[reply.partition_id] = reply.generator_state
-        return accepted
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["prototype-bank"] = self.bank.state_dict()
+        state["generators"] = dict(self.generators)
+        if self.meta_model is not None:
+            state["meta-model"] = {
+                "num-experts": self.meta_model.num_experts,
+                "weights": {k: v.cpu() for k, v in self.meta_model.state_dict().items()},
+            }
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self.bank.load_state_dict(state["prototype-bank"])
+        self.generators = dict(state["generators"])
+        if "meta-model" in state:
+            with torch.random.fork_rng():  # building it must not move the restored RNG
+                meta = MetaModel(
+                    state["meta-model"]["num-experts"],
+                    self.info.num_classes,
+                    prior=self.cfg.meta_prior,
+                )
+            meta.load_state_dict(state["meta-model"]["weights"])
+            self.meta_model = meta.to(self.device)
 
     def after_aggregation(
         self, server_round: int, arrays: ArrayRecord, accepted: list[tuple[Message, TrainReply]]

@@ -84,6 +84,7 @@ def _validate(run_config: dict, content: RecordDict, *, expect_generator: bool):
         num_classes=info.num_classes,
         feature_dim=model.feature_dim,
         protos_per_class=cfg.protos_per_class,
+        prototypes_expected=True,
         generator_signature=(
             state_signature(build_generator(spec).state_dict()) if expect_generator else None
         ),

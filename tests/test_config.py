@@ -130,6 +130,17 @@ def test_mosaic_cross_field_rule_is_named(defaults, overrides, key) -> None:
     assert _names(_error({**defaults, "strategy": "mosaic", **overrides}), key)
 
 
+def test_min_replies_above_min_nodes_is_named(defaults) -> None:
+    assert _names(_error({**defaults, "min-nodes": 2, "min-replies": 3}), "min-replies")
+    assert parse_run_config({**defaults, "min-nodes": 3, "min-replies": 3}).min_replies == 3
+
+
+def test_fault_mode_needs_a_fault_partition(defaults) -> None:
+    assert _names(_error({**defaults, "fault-mode": "nan-weights"}), "fault-partition")
+    values = {**defaults, "fault-mode": "nan-weights", "fault-partition": 0}
+    assert parse_run_config(values).fault_partition == 0
+
+
 def test_generator_round_zero_means_kd_round(defaults) -> None:
     cfg = parse_run_config({**defaults, "generator-round": 0, "kd-round": 4})
     assert cfg.generator_round_resolved == 4

@@ -57,13 +57,16 @@ def _reply(model, generator_state=None, prototypes=None, **overrides) -> RecordD
     )
 
 
-def _validate(content: RecordDict, model, *, expect_generator: bool = False):
+def _validate(
+    content: RecordDict, model, *, expect_generator: bool = False, expect_prototypes: bool = True
+):
     return validate_train_reply(
         content,
         model_signature=state_signature(model.state_dict()),
         num_classes=NUM_CLASSES,
         feature_dim=model.feature_dim,
         protos_per_class=PROTOS_PER_CLASS,
+        prototypes_expected=expect_prototypes,
         generator_signature=(
             state_signature(build_generator(SPEC).state_dict()) if expect_generator else None
         ),
@@ -247,6 +250,11 @@ def test_label_counts_must_sum_to_num_examples(model) -> None:
 
 
 # --- prototypes ------------------------------------------------------------------------------
+
+
+def test_prototypes_when_none_were_asked_for_are_rejected(model) -> None:
+    content = _reply(model, prototypes=_prototypes(model.feature_dim, [0, 2]))
+    _assert_rejected(content, model, "prototypes-unexpected", expect_prototypes=False)
 
 
 def test_prototypes_of_wrong_dimension_are_rejected(model) -> None:

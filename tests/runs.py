@@ -1,0 +1,63 @@
+"""Helpers for tests that run the whole app in-process and read its results folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
+
+from server_app.inprocess import InProcessGrid, run_inprocess
+from tests.fakedata import tiny_run_config
+
+NUM_NODES = 3
+Tamper = Callable[[int, Message], Message | None]
+
+
+def run(
+    data_root: Path, results: Path, tamper: Tamper | None = None, **overrides: Any
+) -> tuple[InProcessGrid, Path]:
+    """A tiny run on ``NUM_NODES`` in-process nodes; the grid and the results folder."""
+    config = tiny_run_config(data_root, results, **overrides)
+    grid = run_inprocess(config, NUM_NODES, tamper=tamper)
+    return grid, results / config["run-name"]
+
+
+def read_json(folder: Path, name: str) -> Any:
+    return json.loads((folder / name).read_text())
+
+
+def final_model(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "final_model.pt", weights_only=True)
+
+
+def assert_same_state(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key, tensor in first.items():
+        assert torch.equal(tensor, second[key]), key
+
+
+def error_reply(node: int, reason: str = "dropped") -> Tamper:
+    """A tamper that replaces ``node``'s reply (after it trained) with an error reply."""
+
+    def tamper(node_id: int, reply: Message) -> Message:
+        if node_id == node:
+            error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
+            # Replying twice swaps source and destination back: the error comes from ``node``.
+            return Message(error, reply_to=Message(error, reply_to=reply))
+        return reply
+
+    return tamper
+
+
+def no_reply(nodes: set[int]) -> Tamper:
+    """A tamper under which ``nodes`` never answer (dropped out, or later than the timeout)."""
+
+    def tamper(node_id: int, reply: Message) -> Message | None:
+        return None if node_id in nodes else reply
+
+    return tamper

@@ -1,0 +1,92 @@
+"""Fault injection: one client (partition 2, node 3) misbehaves in every round of a Mosaic run.
+
+Each run has two rounds: prototypes in both, generators and distillation in round 2. The run
+must complete, reject the reply for the right rule, and end with exactly the model of a run
+in which that node returned an error reply instead: a rejected reply never reaches FedAvg, the
+prototype bank, the experts or the generator pool.
+"""
+
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from client_app.faults import EXPECTED_RULES, FAULTS, misbehaves
+from common.config import FaultMode, parse_run_config
+from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
+from tests.runs import assert_same_state, error_reply, final_model, read_json, run
+
+BAD_PARTITION = 2
+BAD_NODE = str(BAD_PARTITION + 1)
+GOOD_NODES = [1, 2]
+MOSAIC_2_ROUNDS = {"strategy": "mosaic", "num_rounds": 2, "kd_round": 2, "proto_start_round": 1}
+# Round 1 asks for no generator: the added one is unexpected there, the wrong one in round 2.
+RULES_PER_ROUND = {mode: {1: rule, 2: rule} for mode, rule in EXPECTED_RULES.items()} | {
+    "wrong-generator": {1: "generator-unexpected", 2: "generator-shape"}
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def without_bad_node(data_root, tmp_path_factory) -> Path:
+    """The reference: the same run, with node 3 returning an error reply every round."""
+    results = tmp_path_factory.mktemp("reference")
+    return run(data_root, results, tamper=error_reply(int(BAD_NODE)), **MOSAIC_2_ROUNDS)[1]
+
+
+def _faulty_run(data_root: Path, results: Path, mode: str) -> Path:
+    return run(
+        data_root, results, fault_mode=mode, fault_partition=BAD_PARTITION, **MOSAIC_2_ROUNDS
+    )[1]
+
+
+def _assert_left_out(folder: Path, reference: Path) -> None:
+    """Completed, node 3 out of every round, and the model of the run without it."""
+    assert sorted(read_json(folder, "metrics.json")["rounds"], key=int) == ["0", "1", "2"]
+    for entry in read_json(folder, "participation.json").values():
+        assert sorted(entry["replied"]) == GOOD_NODES
+    assert_same_state(final_model(folder), final_model(reference))
+    assert sorted(read_json(folder, "label_counts.json")) == ["client-0", "client-1"]
+    samples = sorted(p.name for p in (folder / "generator_samples").iterdir())
+    assert samples == ["client-0.png", "client-1.png"]
+
+
+def test_every_fault_mode_has_an_injector() -> None:
+    modes = set(get_args(FaultMode)) - {"none"}
+    assert set(FAULTS) == modes
+    assert set(EXPECTED_RULES) == modes - {"raise", "straggle"}
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED_RULES))
+def test_malformed_reply_is_rejected_for_its_rule(data_root, tmp_path, without_bad_node, mode):
+    folder = _faulty_run(data_root, tmp_path, mode)
+
+    participation = read_json(folder, "participation.json")
+    for server_round, rule in RULES_PER_ROUND[mode].items():
+        assert participation[str(server_round)]["rejected"] == {BAD_NODE: rule}
+        assert participation[str(server_round)]["failed"] == {}
+    _assert_left_out(folder, without_bad_node)
+
+
+def test_client_crash_mid_round_is_a_failed_reply(data_root, tmp_path, without_bad_node):
+    folder = _faulty_run(data_root, tmp_path, "raise")
+
+    for entry in read_json(folder, "participation.json").values():
+        assert entry["rejected"] == {}
+        assert list(entry["failed"]) == [BAD_NODE]
+        assert entry["failed"][BAD_NODE].startswith("InjectedFaultError: ")
+    _assert_left_out(folder, without_bad_node)
+
+
+def test_only_the_named_partition_misbehaves_and_only_with_a_mode(data_root, tmp_path):
+    def cfg(**overrides):
+        return parse_run_config(tiny_run_config(data_root, tmp_path, **overrides))
+
+    faulty = cfg(fault_mode="raise", fault_partition=BAD_PARTITION)
+    assert misbehaves(faulty, BAD_PARTITION)
+    assert not misbehaves(faulty, BAD_PARTITION - 1)
+    assert not misbehaves(cfg(fault_partition=BAD_PARTITION), BAD_PARTITION)

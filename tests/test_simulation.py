@@ -1,0 +1,180 @@
+"""The one-command simulation end to end: ``python -m deploy.simulation`` -> ``flwr run`` -> Ray.
+
+Two real runs of ``conf/quick.toml`` with 3 clients (Mosaic and FedAvg, 1-2 min each on 2 cores,
+mostly Flower and Ray start-up), and the bad configs that must fail before anything starts.
+Every process a run spawns inherits its ``FLWR_HOME``, which is how the tests find leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy.simulation import find_local_superlinks, list_processes, stop_processes
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
+RUN_TIMEOUT = 600.0  # seconds for one real run; deploy.simulation gets a bit less, to clean up
+KD_KEYS = ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy")
+
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+
+Simulate = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST fetched into a fresh root from the shared copy, else the default root."""
+    command = [sys.executable, "-m", "common.fetch_data", "--dataset", "fashion-mnist"]
+    if SHARED_DATASETS.is_dir():
+        root = tmp_path_factory.mktemp("data")
+        command += ["--from-dir", str(SHARED_DATASETS)]
+    else:
+        root = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
+    subprocess.run([*command, "--root", str(root)], cwd=REPO, check=True, timeout=600)
+    return root
+
+
+def processes_with_home(flwr_home: Path) -> list[int]:
+    """Live processes whose environment holds this FLWR_HOME: all that a run spawned."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
+@pytest.fixture
+def flwr_home(tmp_path: Path) -> Iterator[Path]:
+    """A private FLWR_HOME; whatever a test leaves running under it is stopped afterwards."""
+    home = tmp_path / "flwr-home"
+    yield home
+    leftovers = find_local_superlinks(list_processes(), home) + processes_with_home(home)
+    if leftovers:
+        stop_processes(leftovers)
+
+
+@pytest.fixture
+def simulate(tmp_path: Path, flwr_home: Path, data_root: Path) -> Simulate:
+    """Run ``python -m deploy.simulation`` with results in tmp_path; SIGTERM it on timeout."""
+
+    def run(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "deploy.simulation",
+            "--flwr-home",
+            str(flwr_home),
+            "--timeout",
+            str(timeout - 60),
+            "--set",
+            f"results-dir={json.dumps(str(tmp_path / 'results'))}",
+            "--set",
+            f"data-root={json.dumps(str(data_root))}",
+            *args,
+        ]
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)  # it stops its SuperLink before exiting
+            stdout, stderr = process.communicate(timeout=60)
+            pytest.fail(f"{command} ran over {timeout} s\n{stdout[-4000:]}\n{stderr[-4000:]}")
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    return run
+
+
+def _tail(result: subprocess.CompletedProcess[str]) -> str:
+    return (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n"
+        + (result.stderr[-6000:])
+    )
+
+
+def _assert_nothing_left(flwr_home: Path) -> None:
+    assert not find_local_superlinks(list_processes(), flwr_home), "a SuperLink is still up"
+    assert not processes_with_home(flwr_home), "processes of the run are still up"
+
+
+def test_quick_mosaic_run_writes_every_result_and_stops_its_superlink(
+    simulate: Simulate, tmp_path: Path, flwr_home: Path, data_root: Path
+) -> None:
+    result = simulate("--profile", "conf/quick.toml", "--clients", "3", "--name", "quick-mosaic")
+
+    assert result.returncode == 0, _tail(result)
+    _assert_nothing_left(flwr_home)
+    folder = tmp_path / "results" / "quick-mosaic"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["strategy"] == "mosaic"
+    assert config["data-root"] == str(data_root)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(metrics["rounds"]) == {str(r) for r in range(QUICK["num-rounds"] + 1)}
+    kd_round = metrics["rounds"][str(QUICK["kd-round"])]
+    assert all(0.0 <= kd_round[key] <= 1.0 for key in KD_KEYS), kd_round
+    assert metrics["phase-seconds"]["total"] > 0
+    label_counts = json.loads((folder / "label_counts.json").read_text())
+    assert sorted(label_counts) == ["client-0", "client-1", "client-2"]
+    participation = json.loads((folder / "participation.json").read_text())
+    assert set(participation) == {str(r) for r in range(1, QUICK["num-rounds"] + 1)}
+    assert all(len(round_log["replied"]) == 3 for round_log in participation.values())
+    state = torch.load(folder / "final_model.pt", weights_only=True)
+    assert state and all(isinstance(tensor, torch.Tensor) for tensor in state.values())
+    assert (folder / "accuracy.png").stat().st_size > 0
+    samples = sorted(p.name for p in (folder / "generator_samples").glob("client-*.png"))
+    assert samples == ["client-0.png", "client-1.png", "client-2.png"]
+    assert "final test accuracy" in result.stdout
+    assert "post-kd-accuracy" in result.stdout
+
+
+def test_quick_fedavg_run_completes(simulate: Simulate, tmp_path: Path, flwr_home: Path) -> None:
+    result = simulate(
+        "--profile", "conf/quick.toml", "--clients", "3", "--strategy", "fedavg", "--name", "fedavg"
+    )
+
+    assert result.returncode == 0, _tail(result)
+    _assert_nothing_left(flwr_home)
+    metrics = json.loads((tmp_path / "results" / "fedavg" / "metrics.json").read_text())
+    assert set(metrics["rounds"]) == {str(r) for r in range(QUICK["num-rounds"] + 1)}
+    assert not any(key in values for values in metrics["rounds"].values() for key in KD_KEYS)
+    assert "final test accuracy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--set", "alpha=0"], "alpha"),
+        (["--set", "no-such-key=1"], "no-such-key"),
+        (["--set", 'num-rounds="three"'], "num-rounds"),
+        (["--clients", "1"], "min-nodes"),
+    ],
+)
+def test_bad_config_fails_fast_naming_the_key(
+    simulate: Simulate, flwr_home: Path, args: list[str], key: str
+) -> None:
+    started = time.monotonic()
+    result = simulate("--profile", "conf/quick.toml", "--clients", "3", *args, timeout=120)
+
+    assert result.returncode == 2, _tail(result)
+    assert key in result.stderr
+    assert time.monotonic() - started < 90  # imports only (~5 s idle); a real run takes minutes
+    assert not (flwr_home / "local-superlink").exists()  # flwr never ran
+    _assert_nothing_left(flwr_home)
