@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.data import dataset_names
 from common.models import classifier_names
 
-Strategy = Literal["mosaic", "fedavg", "fedprox"]
+Strategy = Literal[
+    "mosaic", "fedavg", "fedprox", "ensemble", "label-share", "feddf", "mosaic-no-meta"
+]
+# Strategies that run Mosaic's schedule (prototypes, generators, a teacher at kd-round): Mosaic
+# and the baselines of server_app/baselines.py that replace only its teacher.
+MOSAIC_SCHEDULE: frozenset[str] = frozenset(
+    {"mosaic", "ensemble", "label-share", "feddf", "mosaic-no-meta"}
+)
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
 FaultMode = Literal[
@@ -134,7 +141,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"dataset: {self.dataset!r} is not one of {dataset_names()}")
         if self.model not in classifier_names():
             raise ValueError(f"model: {self.model!r} is not one of {classifier_names()}")
-        if self.strategy == "mosaic":
+        if self.strategy in MOSAIC_SCHEDULE:
             if self.kd_round > self.num_rounds:
                 raise ValueError(
                     f"kd-round: {self.kd_round} is after the last round (num-rounds = "

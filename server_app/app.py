@@ -24,12 +24,13 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig, parse_run_config
+from common.config import MOSAIC_SCHEDULE, RunConfig, parse_run_config
 from common.data import dataset_info, load_dataset
 from common.models import build_classifier
 from common.paths import data_root, results_root
 from common.records import record_to_state, state_to_record
 from common.train import evaluate, resolve_device
+from server_app.baselines import BASELINES
 from server_app.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -41,6 +42,15 @@ from server_app.report import RunReport
 from server_app.strategy import CheckedFedAvg, MosaicStrategy
 
 app = ServerApp()
+
+# Strategy name -> class: the one place a run's strategy is chosen. FedProx is FedAvg whose
+# clients add the proximal term; the baselines replace Mosaic's teacher (baselines.py).
+STRATEGIES: dict[str, type[CheckedFedAvg]] = {
+    "fedavg": CheckedFedAvg,
+    "fedprox": CheckedFedAvg,
+    "mosaic": MosaicStrategy,
+    **BASELINES,
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +64,7 @@ def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
     """Wall time per phase: federated rounds before/after distillation, generators, meta, KD."""
     phases: dict[str, float] = {}
     for server_round, round_log in strategy.rounds.items():
-        if cfg.strategy != "mosaic":
+        if cfg.strategy not in MOSAIC_SCHEDULE:
             phase = "federated-rounds"
         elif server_round == cfg.generator_round_resolved:
             phase = "generator-round (local training + generator training)"
@@ -90,12 +100,13 @@ def main(grid: Grid, context: Context) -> None:
         result = evaluate(model, test_images, test_labels, device)
         return {"accuracy": result.accuracy, "loss": result.loss}
 
-    if cfg.strategy == "mosaic":
-        strategy: CheckedFedAvg = MosaicStrategy(
+    strategy_class = STRATEGIES[cfg.strategy]
+    if issubclass(strategy_class, MosaicStrategy):
+        strategy: CheckedFedAvg = strategy_class(
             cfg, template, info, device=device, evaluate_model=evaluate_model
         )
     else:
-        strategy = CheckedFedAvg(cfg, template, info)
+        strategy = strategy_class(cfg, template, info)
 
     initial_arrays = state_to_record(template.state_dict())
     checkpoint = load_checkpoint(report.folder) if cfg.resume else None

@@ -1,0 +1,396 @@
+"""Benchmarks: Mosaic against the baselines, one JSON record per cell, a table and a chart.
+
+A suite is data: a list of :class:`Cell` (dataset, alpha, clients, protocol, strategy, seed)
+and the run-config sizes its runs share. Each cell runs through ``run_inprocess`` (the full
+server loop with in-process ClientApps, no Ray), and its record is written to
+``<out>/cells/<key>.json``. A cell whose record says ``ok`` is reused unless ``force``; a cell
+that raised is recorded as ``crashed`` with the error (and run again next time), never dropped.
+From the records, :func:`write_table` writes ``results.md`` (mean +- std over seeds per method
+and setting) and :func:`write_bar_chart` ``accuracy.png``.
+
+Run it with ``python -m benchmarks --suite quick``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import pyproject_defaults
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+Runner = Callable[[Mapping[str, Any], int], Any]
+
+# The two protocols as run-config overrides. One-shot: one round, every client trains longer,
+# then the server builds its teacher (and distills) after that round. Multi-round: FedAvg
+# warm-up, prototypes from round 3, teacher + distillation after round 5, fine-tuning after.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "one-shot": {"num-rounds": 1, "kd-round": 1, "proto-start-round": 1, "local-steps": 500},
+    "multi-round": {"num-rounds": 10, "kd-round": 5, "proto-start-round": 3, "local-steps": 50},
+}
+
+# Strategies whose result is their teacher (never distilled into the global model).
+TEACHER_ONLY = frozenset({"ensemble", "label-share"})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the benchmark: a method in a setting with a seed."""
+
+    dataset: str
+    alpha: float
+    num_clients: int
+    protocol: str
+    strategy: str
+    seed: int
+
+    @property
+    def setting(self) -> str:
+        return f"{self.protocol} {self.dataset} alpha={self.alpha} clients={self.num_clients}"
+
+    @property
+    def key(self) -> str:
+        return (
+            f"{self.protocol}-{self.dataset}-a{self.alpha}-n{self.num_clients}"
+            f"-{self.strategy}-s{self.seed}"
+        )
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Cells and the run-config overrides (sizes, step counts) all of them share."""
+
+    name: str
+    cells: list[Cell]
+    sizes: dict[str, Any] = field(default_factory=dict)
+
+
+def grid(
+    datasets: Sequence[str],
+    alphas: Sequence[float],
+    num_clients: int,
+    protocol: str,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+) -> list[Cell]:
+    """Every combination, as cells."""
+    return [
+        Cell(dataset, alpha, num_clients, protocol, strategy, seed)
+        for dataset in datasets
+        for alpha in alphas
+        for strategy in strategies
+        for seed in seeds
+    ]
+
+
+ALL_STRATEGIES = [
+    "fedavg",
+    "fedprox",
+    "ensemble",
+    "label-share",
+    "feddf",
+    "mosaic-no-meta",
+    "mosaic",
+]
+
+SUITES: dict[str, Suite] = {
+    # One setting, one seed, every method, modest steps: minutes on the 2-core CPU machine when
+    # it is idle, under 20 when other jobs load it (docs/results.md has the timings).
+    "quick": Suite(
+        "quick",
+        grid(["fashion-mnist"], [0.1], 5, "one-shot", ALL_STRATEGIES, [0]),
+        sizes={
+            "local-steps": 100,
+            "gen-steps": 50,
+            "meta-epochs": 30,
+            "kd-steps": 100,
+            "model-width": 0.5,
+        },
+    ),
+    # The issue's table: hours on CPU.
+    "full": Suite(
+        "full",
+        grid(["fashion-mnist", "mnist"], [0.1, 0.3, 0.5], 5, "one-shot", ALL_STRATEGIES, [0, 1, 2])
+        + grid(["fashion-mnist"], [0.01, 0.1, 1.0], 10, "multi-round", ALL_STRATEGIES, [0, 1, 2]),
+    ),
+}
+
+
+def cell_run_config(
+    cell: Cell, base: Mapping[str, Any], sizes: Mapping[str, Any], runs_dir: Path
+) -> dict[str, Any]:
+    """The run config of a cell: ``base``, then the protocol, the suite's sizes, the cell."""
+    config = {**base, **PROTOCOLS[cell.protocol], **sizes}
+    config.update(
+        {
+            "dataset": cell.dataset,
+            "alpha": cell.alpha,
+            "strategy": cell.strategy,
+            "seed": cell.seed,
+            "min-nodes": cell.num_clients,
+            "results-dir": str(runs_dir),
+            "run-name": cell.key,
+            "resume": False,
+        }
+    )
+    if cell.strategy == "fedprox" and not config.get("proximal-mu"):
+        config["proximal-mu"] = 0.01
+    return config
+
+
+def _bytes_per_client(folder: Path) -> dict[str, float]:
+    """Mean total bytes per client over the run, down and up, from participation.json.
+
+    Reads the per-node ``traffic`` each round log carries (server_app/traffic.py); a run
+    without it gives ``{}``.
+    """
+    path = folder / "participation.json"
+    if not path.exists():
+        return {}
+    result = {}
+    for direction in ("downlink", "uplink"):
+        per_node: dict[str, int] = {}
+        for round_log in json.loads(path.read_text()).values():
+            for node, sizes in round_log.get("traffic", {}).items():
+                if direction in sizes:
+                    per_node[node] = per_node.get(node, 0) + sizes[direction]["total"]
+        if per_node:
+            result[direction] = float(np.mean(list(per_node.values())))
+    return result
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_cell(
+    cell: Cell, config: Mapping[str, Any], runs_dir: Path, runner: Runner
+) -> dict[str, Any]:
+    """Run one cell and return its record; an exception becomes a ``crashed`` record."""
+    record: dict[str, Any] = {"cell": asdict(cell), "key": cell.key, "config": dict(config)}
+    started = time.perf_counter()
+    try:
+        runner(config, cell.num_clients)
+    except Exception as error:  # a crashed cell is reported, never dropped
+        record.update(
+            status="crashed",
+            error=f"{type(error).__name__}: {error}",
+            traceback=traceback.format_exc(limit=8),
+            wall_seconds=round(time.perf_counter() - started, 1),
+        )
+        return record
+    folder = runs_dir / cell.key
+    metrics = json.loads((folder / "metrics.json").read_text())
+    rounds = {int(r): values for r, values in metrics["rounds"].items()}
+    last = rounds[max(rounds)]
+    kd = rounds.get(int(config["kd-round"]), {})
+    label_counts_path = folder / "label_counts.json"
+    record.update(
+        status="ok",
+        final_accuracy=last.get("accuracy"),
+        accuracy_per_round={r: v.get("accuracy") for r, v in sorted(rounds.items())},
+        teacher_accuracy=kd.get("teacher-accuracy"),
+        pre_kd_accuracy=kd.get("pre-kd-accuracy"),
+        post_kd_accuracy=kd.get("post-kd-accuracy"),
+        phase_seconds=metrics.get("phase-seconds", {}),
+        wall_seconds=round(time.perf_counter() - started, 1),
+        bytes_per_client=_bytes_per_client(folder),
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+        label_counts=(
+            json.loads(label_counts_path.read_text()) if label_counts_path.exists() else {}
+        ),
+    )
+    return record
+
+
+def method_accuracy(record: Mapping[str, Any]) -> float | None:
+    """The accuracy a method is judged by: its teacher if never distilled, else the model's."""
+    if record.get("status") != "ok":
+        return None
+    if record["cell"]["strategy"] in TEACHER_ONLY:
+        return record.get("teacher_accuracy")
+    return record.get("final_accuracy")
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(partial, path)
+
+
+def run_suite(
+    suite: Suite,
+    out: Path,
+    *,
+    base: Mapping[str, Any] | None = None,
+    force: bool = False,
+    runner: Runner | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run (or reuse) every cell of ``suite``; write records, the table and the chart."""
+    if runner is None:
+        from server_app.inprocess import run_inprocess
+
+        runner = run_inprocess
+    base = dict(base if base is not None else pyproject_defaults(PYPROJECT))
+    cells_dir, runs_dir = out / "cells", out / "runs"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, cell in enumerate(suite.cells, start=1):
+        path = cells_dir / f"{cell.key}.json"
+        if path.exists() and not force:
+            record = json.loads(path.read_text())
+            if record.get("status") == "ok":
+                progress(f"[{index}/{len(suite.cells)}] {cell.key}: reused")
+                records.append(record)
+                continue
+        progress(f"[{index}/{len(suite.cells)}] {cell.key}: running")
+        config = cell_run_config(cell, base, suite.sizes, runs_dir)
+        record = run_cell(cell, config, runs_dir, runner)
+        _write_json(path, record)
+        record = json.loads(path.read_text())  # as a later reuse will read it
+        progress(
+            f"[{index}/{len(suite.cells)}] {cell.key}: {record['status']}"
+            f" ({record['wall_seconds']} s, accuracy {method_accuracy(record)})"
+        )
+        records.append(record)
+    write_table(records, out / "results.md", suite.name)
+    write_bar_chart(records, out / "accuracy.png")
+    return records
+
+
+def _mean_std(values: Sequence[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    mean = 100 * float(np.mean(present))
+    if len(present) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * float(np.std(present, ddof=1)):.2f}"
+
+
+def _by_setting(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list]]:
+    table: dict[str, dict[str, list]] = {}
+    for record in records:
+        cell = Cell(**record["cell"])
+        table.setdefault(cell.setting, {}).setdefault(cell.strategy, []).append(record)
+    return table
+
+
+def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> str:
+    """Markdown: per setting, one row per method (mean ± std over seeds, in %)."""
+    lines = [f"# Benchmark results{f' ({suite_name} suite)' if suite_name else ''}", ""]
+    lines.append(
+        "Accuracy in % on the test set, mean ± std over seeds. *Method* is the global model's "
+        "final accuracy, except for the teachers that are not distilled (ensemble, label-share), "
+        "judged by their teacher accuracy at the kd-round. Wall time is the whole run; uplink "
+        "is the mean total bytes a client sent over the run."
+    )
+    for setting, methods in _by_setting(records).items():
+        lines += ["", f"## {setting}", ""]
+        lines.append(
+            "| method | seeds | method acc | global model | teacher | pre-KD | post-KD "
+            "| wall s | uplink MB/client | crashed |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for strategy, group in methods.items():
+            ok = [r for r in group if r.get("status") == "ok"]
+            crashed = [r for r in group if r.get("status") != "ok"]
+            uplink = [r["bytes_per_client"].get("uplink") for r in ok]
+            uplink_mb = [u / 2**20 for u in uplink if u is not None]
+            walls = [r["wall_seconds"] for r in ok]
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        strategy,
+                        str(len(ok)),
+                        _mean_std([method_accuracy(r) for r in ok]),
+                        _mean_std([r.get("final_accuracy") for r in ok]),
+                        _mean_std([r.get("teacher_accuracy") for r in ok]),
+                        _mean_std([r.get("pre_kd_accuracy") for r in ok]),
+                        _mean_std([r.get("post_kd_accuracy") for r in ok]),
+                        f"{np.mean(walls):.0f}" if walls else "-",
+                        f"{np.mean(uplink_mb):.2f}" if uplink_mb else "-",
+                        "; ".join(f"seed {r['cell']['seed']}: {r['error']}" for r in crashed)
+                        or "0",
+                    ]
+                )
+                + " |"
+            )
+        label_counts = next(
+            (r["label_counts"] for g in methods.values() for r in g if r.get("label_counts")), None
+        )
+        if label_counts:
+            lines += ["", "Per-client label counts (first seed recorded):", ""]
+            lines += [f"- {client}: {counts}" for client, counts in label_counts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(records: Sequence[Mapping[str, Any]], path: Path, suite_name: str = "") -> Path:
+    path.write_text(render_table(records, suite_name))
+    return path
+
+
+def write_bar_chart(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """One group of bars per setting, one bar per method (mean, std as error bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = _by_setting(records)
+    strategies = list(dict.fromkeys(s for methods in table.values() for s in methods))
+    fig, ax = plt.subplots(figsize=(max(6, 2 + 1.5 * len(table) * len(strategies) / 3), 4))
+    width = 0.8 / max(len(strategies), 1)
+    for offset, strategy in enumerate(strategies):
+        means, stds = [], []
+        for methods in table.values():
+            values = [method_accuracy(r) for r in methods.get(strategy, [])]
+            values = [100 * v for v in values if v is not None]
+            means.append(float(np.mean(values)) if values else 0.0)
+            stds.append(float(np.std(values)) if len(values) > 1 else 0.0)
+        positions = np.arange(len(table)) + offset * width
+        ax.bar(positions, means, width, yerr=stds, label=strategy)
+    ax.set_xticks(np.arange(len(table)) + width * (len(strategies) - 1) / 2)
+    ax.set_xticklabels([s.replace(" alpha", "\nalpha") for s in table], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force", action="store_true", help="rerun cells already recorded")
+    args = parser.parse_args(argv)
+    base = pyproject_defaults(PYPROJECT)
+    base.update({"data-root": str(Path(args.data_root).resolve()), "device": args.device})
+    out = args.out / args.suite
+    records = run_suite(SUITES[args.suite], out, base=base, force=args.force)
+    crashed = [r["key"] for r in records if r.get("status") != "ok"]
+    print(f"table: {out / 'results.md'}  chart: {out / 'accuracy.png'}")
+    if crashed:
+        print(f"crashed cells: {', '.join(crashed)}", file=sys.stderr)
+    return 1 if crashed else 0

@@ -1,0 +1,130 @@
+"""Baselines that run Mosaic's schedule with another teacher: each overrides ``build_teacher``.
+
+Same data, partition, models, local work and seed as Mosaic; only the server's teacher differs:
+
+- ``ensemble``: the average of the client models' class probabilities. Not distilled: the
+  teacher itself is the result (``teacher-accuracy`` at the kd-round).
+- ``label-share``: client ``k``'s probability of class ``c`` weighted by ``n_kc / n_c``, its
+  share of all class-``c`` samples. Uses only the label counts; not distilled.
+- ``feddf``: the ``ensemble`` teacher distilled into the global model on generator data
+  (FedDF-style: no experts, no meta model).
+- ``mosaic-no-meta``: Mosaic's per-class experts averaged by the meta model's prior alone (an
+  untrained ``MetaModel`` with ``prior=True`` is the mean log-softmax of the experts); the
+  ablation of the meta model.
+
+None of them needs prototypes, and the teachers that are not distilled need no generators, so
+clients are not asked for them. A DENSE-style baseline (a server-side generator trained against
+the client ensemble) is not here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from server_app.meta import MetaModel, MosaicTeacher
+from server_app.moe import ExpertEnsemble, build_experts
+from server_app.strategy import MosaicStrategy
+
+
+class ProbabilityMixture(nn.Module):
+    """``log sum_k w_kc p_k(c | x)`` over client models ``k``: a frozen teacher.
+
+    ``weights`` is ``[num_clients, num_classes]``; the output is a log-probability up to a
+    per-sample constant (softmax and argmax read it as logits). Classes with zero weight from
+    every client get ``log(1e-12)``.
+    """
+
+    def __init__(self, clients: ExpertEnsemble, weights: Tensor) -> None:
+        super().__init__()
+        if weights.shape[0] != clients.num_experts:
+            raise ValueError(
+                f"weights has {weights.shape[0]} rows for {clients.num_experts} client models"
+            )
+        self.clients = clients
+        self.register_buffer("weights", weights.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        probabilities = self.clients(x).softmax(dim=-1)  # [B, K, C]
+        return (probabilities * self.weights).sum(dim=1).clamp_min(1e-12).log()
+
+
+def label_share_weights(counts: np.ndarray) -> Tensor:
+    """``n_kc / n_c`` per client ``k`` and class ``c``; zero for classes no client holds."""
+    counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+    totals = counts.sum(dim=0, keepdim=True)
+    return torch.where(totals > 0, counts / totals.clamp_min(1), 0.0)
+
+
+class _BaselineStrategy(MosaicStrategy):
+    """Mosaic's schedule without prototypes; ``distilled = False`` also skips generators."""
+
+    distilled = True
+
+    def _client_models(self, states: list[dict[str, Tensor]]) -> ExpertEnsemble:
+        return ExpertEnsemble(self.template, dict(enumerate(states))).to(self.device)
+
+    def prototypes_expected(self, server_round: int) -> bool:
+        return False
+
+    def round_config(self, server_round: int) -> dict[str, bool | float]:
+        config = super().round_config(server_round)
+        config["train-generator"] = self.distilled and bool(config["train-generator"])
+        return config
+
+    def generator_signature(self, server_round: int) -> dict | None:
+        return super().generator_signature(server_round) if self.distilled else None
+
+
+class EnsembleStrategy(_BaselineStrategy):
+    """The average of the client models' probabilities, reported as a teacher, not distilled."""
+
+    distilled = False
+
+    def build_teacher(
+        self, states: list[dict[str, Tensor]], counts: np.ndarray
+    ) -> tuple[nn.Module, dict[str, float]]:
+        weights = torch.full(counts.shape, 1.0 / len(states))
+        teacher = ProbabilityMixture(self._client_models(states), weights)
+        return teacher.to(self.device).eval(), {}
+
+
+class LabelShareStrategy(_BaselineStrategy):
+    """Client probabilities weighted by their share of each class's samples; not distilled."""
+
+    distilled = False
+
+    def build_teacher(
+        self, states: list[dict[str, Tensor]], counts: np.ndarray
+    ) -> tuple[nn.Module, dict[str, float]]:
+        teacher = ProbabilityMixture(self._client_models(states), label_share_weights(counts))
+        return teacher.to(self.device).eval(), {}
+
+
+class FedDFStrategy(EnsembleStrategy):
+    """The ``ensemble`` teacher, distilled into the global model on generator samples."""
+
+    distilled = True
+
+
+class MosaicNoMetaStrategy(_BaselineStrategy):
+    """Mosaic's experts combined by the meta model's prior only (no meta training)."""
+
+    def build_teacher(
+        self, states: list[dict[str, Tensor]], counts: np.ndarray
+    ) -> tuple[nn.Module, dict[str, float]]:
+        experts = ExpertEnsemble(self.template, build_experts(states, counts)).to(self.device)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            meta = MetaModel(experts.num_experts, self.info.num_classes, prior=True)
+        self.meta_model = meta.to(self.device).eval()
+        return MosaicTeacher(experts, self.meta_model).to(self.device).eval(), {}
+
+
+BASELINES: dict[str, type[MosaicStrategy]] = {
+    "ensemble": EnsembleStrategy,
+    "label-share": LabelShareStrategy,
+    "feddf": FedDFStrategy,
+    "mosaic-no-meta": MosaicNoMetaStrategy,
+}

@@ -1,0 +1,83 @@
+"""The baseline teachers (server_app/baselines.py) and whole baseline runs on fake data."""
+
+import json
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.config import Strategy
+from server_app.app import STRATEGIES
+from server_app.baselines import ProbabilityMixture, label_share_weights
+from server_app.moe import ExpertEnsemble
+from tests.fakedata import write_fake_fashion_mnist
+from tests.runs import read_json, run
+
+
+class FixedLogits(nn.Module):
+    """A stand-in classifier whose logits for every input are its ``bias`` parameter."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
+
+
+def test_every_strategy_name_has_a_class() -> None:
+    assert set(STRATEGIES) == set(typing.get_args(Strategy))
+
+
+def test_label_share_weights_are_each_clients_share_of_a_class() -> None:
+    counts = np.array([[3, 0, 0], [1, 4, 0]])
+    expected = torch.tensor([[0.75, 0.0, 0.0], [0.25, 1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(label_share_weights(counts), expected)
+
+
+def test_label_share_teacher_weights_probabilities_by_class_share() -> None:
+    logits = [torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, 0.5])]
+    states = {k: {"bias": logit} for k, logit in enumerate(logits)}
+    counts = np.array([[3, 1, 2], [1, 3, 2]])
+    teacher = ProbabilityMixture(ExpertEnsemble(FixedLogits(), states), label_share_weights(counts))
+    p0, p1 = (logit.softmax(0) for logit in logits)
+    by_hand = torch.stack(
+        [
+            0.75 * p0[0] + 0.25 * p1[0],
+            0.25 * p0[1] + 0.75 * p1[1],
+            0.5 * p0[2] + 0.5 * p1[2],
+        ]
+    )
+    out = teacher(torch.zeros(4, 1))
+    assert out.shape == (4, 3)
+    assert torch.allclose(out.exp(), by_hand.expand(4, -1).float(), atol=1e-6)
+
+
+def test_ensemble_teacher_is_the_plain_probability_average() -> None:
+    logits = [torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, 0.5])]
+    states = {k: {"bias": logit} for k, logit in enumerate(logits)}
+    teacher = ProbabilityMixture(ExpertEnsemble(FixedLogits(), states), torch.full((2, 3), 0.5))
+    expected = (logits[0].softmax(0) + logits[1].softmax(0)) / 2
+    assert torch.allclose(teacher(torch.zeros(1, 1))[0].exp(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "distilled"),
+    [("ensemble", False), ("label-share", False), ("feddf", True), ("mosaic-no-meta", True)],
+)
+def test_baseline_runs_in_process(data_root, tmp_path, strategy, distilled) -> None:
+    _, folder = run(data_root, tmp_path, strategy=strategy)
+    kd = read_json(folder, "metrics.json")["rounds"]["2"]
+    assert 0.0 <= kd["teacher-accuracy"] <= 1.0
+    assert "pre-kd-accuracy" in kd
+    assert ("post-kd-accuracy" in kd) == distilled
+    participation = json.loads((folder / "participation.json").read_text())
+    assert all(len(r["replied"]) == 3 for r in participation.values())

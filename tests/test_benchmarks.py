@@ -1,0 +1,124 @@
+"""The benchmark harness (benchmarks/__init__.py) on tiny fake data."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import Cell, Suite, render_table, run_suite
+from server_app.inprocess import run_inprocess
+from tests.fakedata import TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
+
+CELLS = [
+    Cell("fashion-mnist", 1.0, 3, "one-shot", "fedavg", 0),
+    Cell("fashion-mnist", 1.0, 3, "one-shot", "label-share", 0),
+]
+# The protocol sets num-rounds, kd-round and local steps; keep the tiny sizes for the rest.
+SIZES = {**TINY_SIZES, "local-steps": 3, "min-partition-size": 5}
+for key in ("num-rounds", "kd-round", "proto-start-round", "run-name"):
+    SIZES.pop(key)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def base(data_root, tmp_path_factory) -> dict:
+    return tiny_run_config(data_root, tmp_path_factory.mktemp("unused"))
+
+
+class CountingRunner:
+    """``run_inprocess`` that counts its calls and raises for one strategy."""
+
+    def __init__(self, crash_strategy: str = "") -> None:
+        self.calls: list[str] = []
+        self.crash_strategy = crash_strategy
+
+    def __call__(self, config, num_nodes):
+        self.calls.append(config["run-name"])
+        if config["strategy"] == self.crash_strategy:
+            raise RuntimeError("boom")
+        return run_inprocess(config, num_nodes)
+
+
+@pytest.fixture(scope="module")
+def suite_run(base, tmp_path_factory) -> tuple[Path, list[dict], CountingRunner]:
+    out = tmp_path_factory.mktemp("bench")
+    runner = CountingRunner()
+    records = run_suite(
+        Suite("test", CELLS, SIZES), out, base=base, runner=runner, progress=lambda _: None
+    )
+    return out, records, runner
+
+
+def test_suite_writes_one_record_per_cell(suite_run) -> None:
+    out, records, runner = suite_run
+    assert len(runner.calls) == 2
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    for cell in CELLS:
+        record = json.loads((out / "cells" / f"{cell.key}.json").read_text())
+        assert record["config"]["strategy"] == cell.strategy
+        assert record["config"]["num-rounds"] == 1
+        assert 0.0 <= record["final_accuracy"] <= 1.0
+        assert record["phase_seconds"]["total"] >= 0
+        assert record["bytes_per_client"]["uplink"] > 0
+        assert record["peak_rss_mb"] > 0
+    label_share = json.loads((out / "cells" / f"{CELLS[1].key}.json").read_text())
+    assert label_share["teacher_accuracy"] is not None
+
+
+def test_recorded_cells_are_reused_unless_forced(suite_run, base) -> None:
+    out, first, _ = suite_run
+    runner = CountingRunner()
+    again = run_suite(
+        Suite("test", CELLS, SIZES), out, base=base, runner=runner, progress=lambda _: None
+    )
+    assert runner.calls == []
+    assert again == first
+    forced = CountingRunner()
+    run_suite(
+        Suite("test", CELLS[:1], SIZES),
+        out,
+        base=base,
+        runner=forced,
+        force=True,
+        progress=lambda _: None,
+    )
+    assert forced.calls == [CELLS[0].key]
+
+
+def test_a_crashing_cell_is_recorded_and_reported(base, tmp_path) -> None:
+    runner = CountingRunner(crash_strategy="label-share")
+    records = run_suite(
+        Suite("test", CELLS, SIZES), tmp_path, base=base, runner=runner, progress=lambda _: None
+    )
+    crashed = records[1]
+    assert crashed["status"] == "crashed"
+    assert "RuntimeError: boom" in crashed["error"]
+    saved = json.loads((tmp_path / "cells" / f"{CELLS[1].key}.json").read_text())
+    assert saved["status"] == "crashed"
+    assert "RuntimeError: boom" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_table_has_mean_and_std_over_seeds() -> None:
+    def record(strategy: str, seed: int, accuracy: float) -> dict:
+        return {
+            "cell": vars(Cell("mnist", 0.1, 5, "one-shot", strategy, seed)),
+            "status": "ok",
+            "final_accuracy": accuracy,
+            "teacher_accuracy": accuracy + 0.1,
+            "wall_seconds": 1.0,
+            "bytes_per_client": {"uplink": 2**20},
+            "label_counts": {"client-0": [1, 2]},
+        }
+
+    table = render_table(
+        [record("fedavg", 0, 0.5), record("fedavg", 1, 0.7), record("label-share", 0, 0.5)]
+    )
+    assert "## one-shot mnist alpha=0.1 clients=5" in table
+    assert "| fedavg | 2 | 60.00 ± 14.14 |" in table
+    assert "| label-share | 1 | 60.00 |" in table  # judged by its teacher
+    assert "client-0: [1, 2]" in table
