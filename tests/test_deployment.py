@@ -38,9 +38,9 @@ from deploy.simulation import (
     stop_processes,
 )
 from server_app.traffic import DOWNLINK, TOTAL, UPLINK
+from tests.real_processes import fetch_fashion_mnist, processes_with_home
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
@@ -51,31 +51,7 @@ linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fashion-MNIST in a fresh root from the shared copy, else in the default root."""
-    command = [sys.executable, "-m", "common.fetch_data", "--dataset", "fashion-mnist"]
-    if SHARED_DATASETS.is_dir():
-        root = tmp_path_factory.mktemp("data")
-        command += ["--from-dir", str(SHARED_DATASETS)]
-    else:
-        root = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
-    subprocess.run([*command, "--root", str(root)], cwd=REPO, check=True, timeout=600)
-    return root
-
-
-def processes_with_home(flwr_home: Path) -> list[int]:
-    """Live processes whose environment holds this FLWR_HOME: all that a federation spawned."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if marker in environ and state != "Z":
-                found.append(int(entry.name))
-    return found
+    return fetch_fashion_mnist(tmp_path_factory)
 
 
 def _read_json(path: Path) -> dict:

@@ -8,7 +8,6 @@ Every process a run spawns inherits its ``FLWR_HOME``, which is how the tests fi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,9 +20,9 @@ import pytest
 import torch
 
 from deploy.simulation import find_local_superlinks, list_processes, stop_processes
+from tests.real_processes import fetch_fashion_mnist, processes_with_home
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
 RUN_TIMEOUT = 600.0  # seconds for one real run; deploy.simulation gets a bit less, to clean up
 KD_KEYS = ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy")
@@ -35,29 +34,7 @@ Simulate = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fashion-MNIST fetched into a fresh root from the shared copy, else the default root."""
-    command = [sys.executable, "-m", "common.fetch_data", "--dataset", "fashion-mnist"]
-    if SHARED_DATASETS.is_dir():
-        root = tmp_path_factory.mktemp("data")
-        command += ["--from-dir", str(SHARED_DATASETS)]
-    else:
-        root = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
-    subprocess.run([*command, "--root", str(root)], cwd=REPO, check=True, timeout=600)
-    return root
-
-
-def processes_with_home(flwr_home: Path) -> list[int]:
-    """Live processes whose environment holds this FLWR_HOME: all that a run spawned."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:  # gone, or not ours to read
-                continue
-    return found
+    return fetch_fashion_mnist(tmp_path_factory)
 
 
 @pytest.fixture

@@ -1,0 +1,41 @@
+"""Helpers shared by the tests that start real Flower processes (simulation and deployment)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def fetch_fashion_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST in a fresh root from the shared copy, else in the default data root."""
+    command = [sys.executable, "-m", "common.fetch_data", "--dataset", "fashion-mnist"]
+    if SHARED_DATASETS.is_dir():
+        root = tmp_path_factory.mktemp("data")
+        command += ["--from-dir", str(SHARED_DATASETS)]
+    else:
+        root = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
+    subprocess.run([*command, "--root", str(root)], cwd=REPO, check=True, timeout=600)
+    return root
+
+
+def processes_with_home(flwr_home: Path) -> list[int]:
+    """Live (not zombie) processes whose environment holds this FLWR_HOME: all a run spawned."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):  # gone, or not ours to read
+                continue
+            if marker in environ and state != "Z":
+                found.append(int(entry.name))
+    return found
