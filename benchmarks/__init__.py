@@ -99,6 +99,7 @@ ALL_STRATEGIES = [
     "ensemble",
     "label-share",
     "feddf",
+    "dense",
     "mosaic-no-meta",
     "mosaic",
 ]

@@ -20,12 +20,12 @@ from common.data import dataset_names
 from common.models import classifier_names
 
 Strategy = Literal[
-    "mosaic", "fedavg", "fedprox", "ensemble", "label-share", "feddf", "mosaic-no-meta"
+    "mosaic", "fedavg", "fedprox", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"
 ]
 # Strategies that run Mosaic's schedule (prototypes, generators, a teacher at kd-round): Mosaic
-# and the baselines of server_app/baselines.py that replace only its teacher.
+# and the baselines of server_app/baselines.py that replace its teacher or its distillation.
 MOSAIC_SCHEDULE: frozenset[str] = frozenset(
-    {"mosaic", "ensemble", "label-share", "feddf", "mosaic-no-meta"}
+    {"mosaic", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"}
 )
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
@@ -131,6 +131,9 @@ class RunConfig(BaseModel):
     kd_beta: float = Field(ge=0)
     kd_temperature: float = Field(gt=0)
     kd_generator_weighting: GeneratorWeighting
+    # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
+    dense_lambda_bn: float = Field(ge=0)  # BatchNorm-statistics term, over the client models
+    dense_lambda_adv: float = Field(ge=0)  # student-teacher disagreement term
     # --- fault injection (tests only: one partition sends a malformed reply, see faults.py) --
     fault_mode: FaultMode
     fault_partition: int = Field(ge=-1)  # -1 -> no partition misbehaves

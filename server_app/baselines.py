@@ -11,18 +11,28 @@ Same data, partition, models, local work and seed as Mosaic; only the server's t
 - ``mosaic-no-meta``: Mosaic's per-class experts averaged by the meta model's prior alone (an
   untrained ``MetaModel`` with ``prior=True`` is the mean log-softmax of the experts); the
   ablation of the meta model.
+- ``dense``: DENSE-style (Zhang et al., NeurIPS 2022): the ``ensemble`` teacher distilled into
+  the global model on samples of a generator the server trains from scratch, in alternation
+  with the student, against the client models (``server_app.dense``). It overrides
+  ``transfer`` rather than ``build_teacher``.
 
 None of them needs prototypes, and the teachers that are not distilled need no generators, so
-clients are not asked for them. A DENSE-style baseline (a server-side generator trained against
-the client ensemble) is not here.
+clients are not asked for them; nor are they for ``dense``, whose generator is the server's.
 """
 
 from __future__ import annotations
 
+from logging import INFO
+
 import numpy as np
 import torch
+from flwr.common.logger import log
 from torch import Tensor, nn
 
+from common.data import generator_to_classifier_input
+from common.models import Classifier
+from server_app.dense import train_dense
+from server_app.distill import DistillResult
 from server_app.meta import MetaModel, MosaicTeacher
 from server_app.moe import ExpertEnsemble, build_experts
 from server_app.strategy import MosaicStrategy
@@ -122,9 +132,53 @@ class MosaicNoMetaStrategy(_BaselineStrategy):
         return MosaicTeacher(experts, self.meta_model).to(self.device).eval(), {}
 
 
+class DenseStrategy(EnsembleStrategy):
+    """The ``ensemble`` teacher, distilled on samples of a server-side generator (DENSE).
+
+    Clients upload no generator; the server trains its own from scratch at the kd-round,
+    alternating with the student (:func:`server_app.dense.train_dense`). Sizes come from the
+    distillation keys (``kd-steps``, ``kd-lr``, ``kd-alpha``/``kd-beta``/``kd-temperature``; a
+    batch is ``kd-batch-per-generator`` times the number of clients) and the generator's
+    (``gen-lr``, ``gen-latent-dim``, ``gen-channels``); the weights of the generator loss are
+    ``dense-lambda-bn`` and ``dense-lambda-adv``.
+    """
+
+    distilled = False  # as far as clients go: the generator is the server's own
+
+    def transfer(
+        self, student: Classifier, teacher: nn.Module, counts: np.ndarray
+    ) -> DistillResult:
+        if not isinstance(teacher, ProbabilityMixture):
+            raise TypeError(f"DENSE needs the client ensemble as teacher, got {type(teacher)}")
+        cfg = self.cfg
+        clients = list(teacher.clients.members)
+        return train_dense(
+            student,
+            teacher,
+            clients,
+            spec=self.generator_spec,
+            num_classes=self.info.num_classes,
+            classes=[int(c) for c in np.flatnonzero(np.asarray(counts).sum(axis=0) > 0)],
+            to_input=lambda x: generator_to_classifier_input(x, self.info),
+            steps=cfg.kd_steps,
+            batch_size=max(2, cfg.kd_batch_per_generator * len(clients)),  # generator BN: 2+
+            kd_lr=cfg.kd_lr,
+            gen_lr=cfg.gen_lr,
+            lambda_bn=cfg.dense_lambda_bn,
+            lambda_adv=cfg.dense_lambda_adv,
+            alpha=cfg.kd_alpha,
+            beta=cfg.kd_beta,
+            temperature=cfg.kd_temperature,
+            device=self.device,
+            seed=cfg.seed,
+            progress=lambda line: log(INFO, "DENSE: %s", line),
+        )
+
+
 BASELINES: dict[str, type[MosaicStrategy]] = {
     "ensemble": EnsembleStrategy,
     "label-share": LabelShareStrategy,
     "feddf": FedDFStrategy,
     "mosaic-no-meta": MosaicNoMetaStrategy,
+    "dense": DenseStrategy,
 }

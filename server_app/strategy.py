@@ -51,7 +51,7 @@ from common.records import (
     state_to_record,
     validate_train_reply,
 )
-from server_app.distill import distill
+from server_app.distill import DistillResult, distill
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import ExpertEnsemble, PrototypeBank, build_experts
 from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, log_uplink
@@ -367,20 +367,48 @@ class MosaicStrategy(CheckedFedAvg):
     def distill_round(
         self, student: Classifier, states: list[dict[str, torch.Tensor]], counts: np.ndarray
     ) -> dict[str, float]:
-        """Teacher (experts -> meta model on the bank) -> distillation into ``student``."""
-        cfg = self.cfg
+        """Teacher (:meth:`build_teacher`) -> transfer into ``student`` (:meth:`transfer`).
+
+        The frame every distilling strategy shares: the teacher and the student before and after
+        are evaluated, and the two phases timed (``meta-seconds``, ``kd-seconds``).
+        """
         started = time.perf_counter()
         teacher, figures = self.build_teacher(states, counts)
         figures["meta-seconds"] = time.perf_counter() - started
         figures.update({f"teacher-{k}": v for k, v in self.evaluate_model(teacher).items()})
         figures.update({f"pre-kd-{k}": v for k, v in self.evaluate_model(student).items()})
 
+        started = time.perf_counter()
+        result = self.transfer(student, teacher, counts)
+        if result is None:
+            return figures
+        figures["kd-seconds"] = time.perf_counter() - started
+        figures["kd-agreement"] = result.teacher_student_agreement
+        figures.update({f"post-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+        log(
+            INFO,
+            "%s: teacher %.4f, global before KD %.4f, after KD %.4f",
+            self.cfg.strategy,
+            figures["teacher-accuracy"],
+            figures["pre-kd-accuracy"],
+            figures["post-kd-accuracy"],
+        )
+        return figures
+
+    def transfer(
+        self, student: Classifier, teacher: torch.nn.Module, counts: np.ndarray
+    ) -> DistillResult | None:
+        """Distill ``teacher`` into ``student`` on the client generators' samples (in place).
+
+        None when no generator arrived (nothing is distilled). DENSE overrides this with its
+        own server-side generator (``server_app.dense``).
+        """
+        cfg = self.cfg
         generators, weights = self._generators(counts)
         if not generators:
             log(WARNING, "Mosaic: no generator arrived; distillation skipped")
-            return figures
-        started = time.perf_counter()
-        result = distill(
+            return None
+        return distill(
             student,
             teacher,
             generators,
@@ -396,17 +424,6 @@ class MosaicStrategy(CheckedFedAvg):
             seed=cfg.seed,
             progress=lambda line: log(INFO, "Mosaic distillation: %s", line),
         )
-        figures["kd-seconds"] = time.perf_counter() - started
-        figures["kd-agreement"] = result.teacher_student_agreement
-        figures.update({f"post-kd-{k}": v for k, v in self.evaluate_model(student).items()})
-        log(
-            INFO,
-            "Mosaic: teacher %.4f, global before KD %.4f, after KD %.4f",
-            figures["teacher-accuracy"],
-            figures["pre-kd-accuracy"],
-            figures["post-kd-accuracy"],
-        )
-        return figures
 
     def _generators(self, counts: np.ndarray) -> tuple[list[Generator], list[float] | None]:
         generators = []
