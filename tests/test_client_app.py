@@ -18,10 +18,12 @@ from common.records import (
     OPTIONAL_KEYS,
     PROTOTYPES,
     REQUIRED_KEYS,
+    record_to_state,
     state_signature,
     state_to_record,
     validate_train_reply,
 )
+from common.train import compute_prototypes
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
 
 NUM_PARTITIONS = 3
@@ -62,12 +64,12 @@ def _context(run_config: dict, partition_id: int | None = 0) -> Context:
     )
 
 
-def _train_message(run_config: dict, **round_config) -> Message:
+def _train_message(run_config: dict, server_round: int = 1, **round_config) -> Message:
     cfg = parse_run_config(run_config)
     content = RecordDict(
         {
             ARRAYS: state_to_record(_model(cfg).state_dict()),
-            "config": ConfigRecord({"server-round": 1, "lr": cfg.lr, **round_config}),
+            "config": ConfigRecord({"server-round": server_round, "lr": cfg.lr, **round_config}),
         }
     )
     return Message(content, dst_node_id=1, message_type="train")
@@ -147,6 +149,48 @@ def test_prototypes_only_when_asked(run_config) -> None:
     held = np.flatnonzero(decoded.label_counts)
     assert set(decoded.prototypes.classes.tolist()) <= set(held.tolist())
     assert len(decoded.prototypes.classes) > 0
+
+
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_prototypes_under_the_global_model_except_in_round_one(run_config, server_round) -> None:
+    """From round 2 the centres are features of the model the server sent; in round 1 that
+    model is the untrained initialisation, so they come from the locally trained one."""
+    cfg = parse_run_config(run_config)
+    partition_id = 1
+    msg = _train_message(run_config, server_round, **{"send-prototypes": True})
+    reply = train(msg, _context(run_config, partition_id=partition_id))
+    sent = record_to_state(msg.content[ARRAYS])
+    trained = record_to_state(reply.content[ARRAYS])
+    images, labels = load_client_partition(
+        cfg.dataset,
+        cfg.data_root,
+        partition_id,
+        NUM_PARTITIONS,
+        cfg.partitioning,
+        alpha=cfg.alpha,
+        classes_per_partition=cfg.classes_per_client,
+        min_partition_size=cfg.min_partition_size,
+        seed=cfg.seed,
+    )
+
+    def centres(state):
+        model = _model(cfg)
+        model.load_state_dict(state)
+        return compute_prototypes(
+            model,
+            images,
+            labels,
+            per_class=cfg.protos_per_class,
+            min_samples=cfg.min_proto_samples,
+            device="cpu",
+            seed=cfg.seed + 1000 * partition_id + server_round,
+        ).features
+
+    expected, other = (trained, sent) if server_round == 1 else (sent, trained)
+    got = reply.content[PROTOTYPES]["features"].numpy()
+    np.testing.assert_allclose(got, centres(expected).numpy(), rtol=1e-5, atol=1e-6)
+    unexpected = centres(other).numpy()
+    assert unexpected.shape != got.shape or not np.allclose(got, unexpected, atol=1e-3)
 
 
 def test_generator_only_when_asked(run_config) -> None:
