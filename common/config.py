@@ -27,6 +27,10 @@ Strategy = Literal[
 MOSAIC_SCHEDULE: frozenset[str] = frozenset(
     {"mosaic", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"}
 )
+# What clients upload besides weights and label counts, per strategy; the strategies ask for
+# exactly this (tests/test_traffic.py checks) and the pre-run payload check sizes by it.
+UPLOADS_GENERATOR: frozenset[str] = frozenset({"mosaic", "feddf", "mosaic-no-meta"})
+UPLOADS_PROTOTYPES: frozenset[str] = frozenset({"mosaic"})
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
 FaultMode = Literal[

@@ -38,7 +38,7 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 
-from common.config import ConfigError, RunConfig
+from common.config import UPLOADS_GENERATOR, UPLOADS_PROTOTYPES, ConfigError, RunConfig
 from common.data import dataset_info
 from common.models import GeneratorSpec, build_classifier, build_generator
 
@@ -132,9 +132,9 @@ def payload_estimates(cfg: RunConfig) -> dict[str, int]:
     """Upper bounds in bytes on the largest messages of a run, without allocating a weight.
 
     ``weights``: the model (down every round, up every round); ``generator``: one client's
-    generator (up once, Mosaic only); ``prototypes``: one client's prototypes at most
-    (``protos-per-class`` centres for every class); ``downlink``/``uplink``: the largest
-    instruction and reply.
+    generator (up once, strategies in ``UPLOADS_GENERATOR``); ``prototypes``: one client's
+    prototypes at most (``protos-per-class`` centres for every class; ``UPLOADS_PROTOTYPES``);
+    ``downlink``/``uplink``: the largest instruction and reply.
     """
     info = dataset_info(cfg.dataset)
     with torch.device("meta"):
@@ -146,16 +146,17 @@ def payload_estimates(cfg: RunConfig) -> dict[str, int]:
         )
         weights = _state_bytes(model)
         estimates = {"weights": weights, "downlink": weights, "uplink": weights}
-        if cfg.strategy == "mosaic":
+        if cfg.strategy in UPLOADS_GENERATOR:
             spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels)
-            generator = _state_bytes(build_generator(spec))
+            estimates["generator"] = _state_bytes(build_generator(spec))
+        if cfg.strategy in UPLOADS_PROTOTYPES:
             centres = cfg.protos_per_class * info.num_classes
-            prototypes = centres * (model.feature_dim * 4 + 8) + 2 * ARRAY_OVERHEAD_BYTES
-            estimates.update(
-                generator=generator,
-                prototypes=prototypes,
-                uplink=weights + generator + prototypes,
+            estimates["prototypes"] = (
+                centres * (model.feature_dim * 4 + 8) + 2 * ARRAY_OVERHEAD_BYTES
             )
+        estimates["uplink"] = (
+            weights + estimates.get("generator", 0) + estimates.get("prototypes", 0)
+        )
     return estimates
 
 
@@ -168,7 +169,8 @@ def check_payload_limits(cfg: RunConfig) -> dict[str, int]:
     keys = {
         "downlink": "model, model-width",
         "uplink": "model, model-width"
-        + (", gen-channels, gen-latent-dim, protos-per-class" if cfg.strategy == "mosaic" else ""),
+        + (", gen-channels, gen-latent-dim" if "generator" in estimates else "")
+        + (", protos-per-class" if "prototypes" in estimates else ""),
     }
     for direction, fix in keys.items():
         if estimates[direction] > MESSAGE_BUDGET_BYTES:

@@ -12,11 +12,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 import server_app.traffic as traffic
-from common.config import parse_run_config, pyproject_defaults
+from common.config import (
+    UPLOADS_GENERATOR,
+    UPLOADS_PROTOTYPES,
+    parse_run_config,
+    pyproject_defaults,
+)
 from common.data import dataset_info, dataset_names
 from common.models import GeneratorSpec, build_classifier, build_generator, classifier_names
 from common.records import state_to_record
+from server_app.app import STRATEGIES
 from server_app.inprocess import run_inprocess
+from server_app.strategy import MosaicStrategy
 from server_app.traffic import (
     DOWNLINK,
     TOTAL,
@@ -154,3 +161,26 @@ def test_a_run_records_bytes_per_node_and_record_every_round(tmp_path: Path) -> 
             assert ("generator" in up) == (server_round == generator_round)
             assert with_prototypes or "prototypes" not in up
         assert not with_prototypes or any("prototypes" in up for up in uplinks)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_each_strategy_asks_clients_for_what_the_payload_check_sizes(name: str) -> None:
+    """The pre-run check sizes uploads from common/config.py's sets: they must match what each
+    strategy's round configs actually ask clients for."""
+    cfg = _cfg(strategy=name)
+    info = dataset_info(cfg.dataset)
+    template = build_classifier(cfg.model, num_classes=info.num_classes, in_shape=info.image_shape)
+    strategy_class = STRATEGIES[name]
+    if issubclass(strategy_class, MosaicStrategy):
+        strategy = strategy_class(
+            cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
+        )
+    else:
+        strategy = strategy_class(cfg, template, info)
+    configs = [strategy.round_config(r) for r in range(1, cfg.num_rounds + 1)]
+    asks_generator = any(c.get("train-generator", False) for c in configs)
+    asks_prototypes = any(c.get("send-prototypes", False) for c in configs)
+    estimates = payload_estimates(cfg)
+
+    assert asks_generator == (name in UPLOADS_GENERATOR) == ("generator" in estimates)
+    assert asks_prototypes == (name in UPLOADS_PROTOTYPES) == ("prototypes" in estimates)
