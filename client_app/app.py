@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
         model,
         images,
         labels,
-        steps=cfg.local_steps,
+        steps=cfg.local_steps_for(len(labels)),
         batch_size=cfg.batch_size,
         lr=float(round_config["lr"]),
         momentum=cfg.momentum,

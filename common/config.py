@@ -9,6 +9,7 @@ kebab-case (``local-steps``) in TOML and on the command line; attributes are sna
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,6 +97,7 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(gt=0)
     min_replies: int = Field(ge=1)  # fewer accepted replies in a round -> the round is skipped
     local_steps: int = Field(ge=1)
+    local_epochs: float = Field(ge=0, le=1000)  # > 0: epochs over the local data instead of steps
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
@@ -181,6 +183,14 @@ class RunConfig(BaseModel):
     def generator_round_resolved(self) -> int:
         """The round in which clients train and upload their generator (once per run)."""
         return self.generator_round or self.kd_round
+
+    def local_steps_for(self, num_samples: int) -> int:
+        """SGD steps of one round for a client holding ``num_samples``: ``local-steps``, or
+        ``local-epochs`` passes over the data (rounded up, at least one step) when set."""
+        if self.local_epochs == 0:
+            return self.local_steps
+        batch = min(self.batch_size, max(num_samples, 1))
+        return max(1, math.ceil(self.local_epochs * num_samples / batch))
 
 
 def _describe(error: ValidationError) -> str:

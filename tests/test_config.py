@@ -180,3 +180,22 @@ def test_config_is_frozen(defaults) -> None:
     cfg = parse_run_config(defaults)
     with pytest.raises(ValueError, match="frozen"):
         cfg.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    ("epochs", "num_samples", "expected"),
+    [
+        (0.0, 1000, 50),  # local-steps (the default's 50) when no epochs are set
+        (1.0, 640, 10),  # one pass of batch 64
+        (5.0, 650, 51),  # rounded up: 5 * 650 / 64 = 50.8
+        (1.0, 10, 1),  # a client smaller than a batch still takes a step
+    ],
+)
+def test_local_epochs_become_steps_per_client(epochs, num_samples, expected) -> None:
+    cfg = parse_run_config({**pyproject_defaults(), "local-epochs": epochs, "local-steps": 50})
+    assert cfg.local_steps_for(num_samples) == expected
+
+
+def test_negative_local_epochs_are_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="local-epochs"):
+        parse_run_config({**pyproject_defaults(), "local-epochs": -1.0})
