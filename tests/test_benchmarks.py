@@ -14,7 +14,7 @@ CELLS = [
     Cell("fashion-mnist", 1.0, 3, "one-shot", "label-share", 0),
 ]
 # The protocol sets num-rounds, kd-round and local steps; keep the tiny sizes for the rest.
-SIZES = {**TINY_SIZES, "local-steps": 3, "min-partition-size": 5}
+SIZES = {**TINY_SIZES, "local-steps": 3, "local-epochs": 0.0, "min-partition-size": 5}
 for key in ("num-rounds", "kd-round", "proto-start-round", "run-name"):
     SIZES.pop(key)
 
@@ -101,6 +101,7 @@ def test_a_crashing_cell_is_recorded_and_reported(base, tmp_path) -> None:
     assert saved["status"] == "crashed"
     assert "RuntimeError: boom" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_per_round.png").stat().st_size > 0
 
 
 def test_table_has_mean_and_std_over_seeds() -> None:
