@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import MOSAIC_SCHEDULE, RunConfig, parse_run_config
+from common.config import MOSAIC_SCHEDULE, UPLOADS_GENERATOR, RunConfig, parse_run_config
 from common.data import dataset_info, load_dataset
 from common.models import build_classifier
 from common.paths import data_root, results_root
@@ -66,7 +66,7 @@ def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
     for server_round, round_log in strategy.rounds.items():
         if cfg.strategy not in MOSAIC_SCHEDULE:
             phase = "federated-rounds"
-        elif server_round == cfg.generator_round_resolved:
+        elif server_round == cfg.generator_round_resolved and cfg.strategy in UPLOADS_GENERATOR:
             phase = "generator-round (local training + generator training)"
         elif server_round <= cfg.kd_round:
             phase = "warm-up-rounds"
@@ -76,7 +76,8 @@ def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
         server_side = mosaic.get("meta-seconds", 0.0) + mosaic.get("kd-seconds", 0.0)
         phases[phase] = phases.get(phase, 0.0) + round_log.seconds - server_side
         if mosaic:
-            phases["meta-model"] = mosaic.get("meta-seconds", 0.0)
+            teacher_phase = "meta-model" if cfg.strategy == "mosaic" else "teacher"
+            phases[teacher_phase] = mosaic.get("meta-seconds", 0.0)
             phases["distillation"] = mosaic.get("kd-seconds", 0.0)
     return {k: round(v, 1) for k, v in phases.items()}
 

@@ -86,6 +86,12 @@ class _BaselineStrategy(MosaicStrategy):
     def generator_signature(self, server_round: int) -> dict | None:
         return super().generator_signature(server_round) if self.distilled else None
 
+    def transfer(
+        self, student: Classifier, teacher: nn.Module, counts: np.ndarray
+    ) -> DistillResult | None:
+        """A teacher that is not distilled is the result: nothing to transfer, nothing to warn."""
+        return super().transfer(student, teacher, counts) if self.distilled else None
+
 
 class EnsembleStrategy(_BaselineStrategy):
     """The average of the client models' probabilities, reported as a teacher, not distilled."""

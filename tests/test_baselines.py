@@ -3,16 +3,18 @@
 import json
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from common.config import Strategy
-from server_app.app import STRATEGIES
+from common.config import Strategy, parse_run_config, pyproject_defaults
+from server_app.app import STRATEGIES, phase_seconds
 from server_app.baselines import ProbabilityMixture, label_share_weights
 from server_app.moe import ExpertEnsemble
+from server_app.strategy import RoundLog
 from tests.fakedata import write_fake_fashion_mnist
 from tests.runs import read_json, run
 
@@ -81,3 +83,35 @@ def test_baseline_runs_in_process(data_root, tmp_path, strategy, distilled) -> N
     assert ("post-kd-accuracy" in kd) == distilled
     participation = json.loads((folder / "participation.json").read_text())
     assert all(len(r["replied"]) == 3 for r in participation.values())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        (
+            "mosaic",
+            {
+                "warm-up-rounds",
+                "generator-round (local training + generator training)",
+                "meta-model",
+                "distillation",
+                "fine-tune-rounds",
+            },
+        ),
+        ("label-share", {"warm-up-rounds", "teacher", "distillation", "fine-tune-rounds"}),
+        ("dense", {"warm-up-rounds", "teacher", "distillation", "fine-tune-rounds"}),
+        ("fedavg", {"federated-rounds"}),
+    ],
+)
+def test_phases_name_what_each_strategy_did(strategy: str, expected: set[str]) -> None:
+    """Only strategies whose clients train generators get a generator-round phase."""
+    cfg = parse_run_config({**pyproject_defaults(), "strategy": strategy})
+    rounds = {r: RoundLog(seconds=10.0) for r in range(1, cfg.num_rounds + 1)}
+    if strategy != "fedavg":  # the strategies with a teacher report its two server phases
+        rounds[cfg.kd_round].mosaic = {"meta-seconds": 2.0, "kd-seconds": 3.0}
+    fake = SimpleNamespace(rounds=rounds)
+
+    phases = phase_seconds(cfg, fake)
+
+    assert set(phases) == expected
+    assert sum(phases.values()) == pytest.approx(10.0 * cfg.num_rounds)
