@@ -94,8 +94,12 @@ def _validate(run_config: dict, content: RecordDict, *, expect_generator: bool):
 
 
 def _local_labels(run_config: dict, partition_id: int) -> np.ndarray:
+    return _local_data(run_config, partition_id)[1].numpy()
+
+
+def _local_data(run_config: dict, partition_id: int):
     cfg = parse_run_config(run_config)
-    _, labels = load_client_partition(
+    return load_client_partition(
         cfg.dataset,
         cfg.data_root,
         partition_id,
@@ -106,7 +110,6 @@ def _local_labels(run_config: dict, partition_id: int) -> np.ndarray:
         min_partition_size=cfg.min_partition_size,
         seed=cfg.seed,
     )
-    return labels.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +164,7 @@ def test_prototypes_under_the_global_model_except_in_round_one(run_config, serve
     reply = train(msg, _context(run_config, partition_id=partition_id))
     sent = record_to_state(msg.content[ARRAYS])
     trained = record_to_state(reply.content[ARRAYS])
-    images, labels = load_client_partition(
-        cfg.dataset,
-        cfg.data_root,
-        partition_id,
-        NUM_PARTITIONS,
-        cfg.partitioning,
-        alpha=cfg.alpha,
-        classes_per_partition=cfg.classes_per_client,
-        min_partition_size=cfg.min_partition_size,
-        seed=cfg.seed,
-    )
+    images, labels = _local_data(run_config, partition_id)
 
     def centres(state):
         model = _model(cfg)
