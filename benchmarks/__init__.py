@@ -13,6 +13,7 @@ Run it with ``python -m benchmarks --suite quick``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import resource
@@ -133,6 +134,12 @@ SUITES: dict[str, Suite] = {
         + grid(["fashion-mnist"], [0.01, 0.1, 1.0], 10, "multi-round", ALL_STRATEGIES, [0, 1, 2]),
     ),
 }
+
+
+def select_cells(suite: Suite, pattern: str) -> Suite:
+    """The cells of ``suite`` whose key matches the shell-style ``pattern``, same sizes."""
+    cells = [cell for cell in suite.cells if fnmatch.fnmatchcase(cell.key, pattern)]
+    return Suite(suite.name, cells, suite.sizes)
 
 
 def cell_run_config(
@@ -428,11 +435,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="rerun cells already recorded")
+    parser.add_argument(
+        "--cells",
+        metavar="GLOB",
+        default="*",
+        help="run only the suite's cells whose key matches (e.g. 'one-shot-*-a0.1-*-s0'); their"
+        " records are the full suite's, reused when the whole suite runs",
+    )
     args = parser.parse_args(argv)
     base = pyproject_defaults(PYPROJECT)
     base.update({"data-root": str(Path(args.data_root).resolve()), "device": args.device})
     out = args.out / args.suite
-    records = run_suite(SUITES[args.suite], out, base=base, force=args.force)
+    suite = select_cells(SUITES[args.suite], args.cells)
+    if not suite.cells:
+        parser.error(f"--cells {args.cells!r} matches no cell of suite {args.suite!r}")
+    records = run_suite(suite, out, base=base, force=args.force)
     crashed = [r["key"] for r in records if r.get("status") != "ok"]
     print(
         f"table: {out / 'results.md'}  charts: {out / 'accuracy.png'},"

@@ -123,3 +123,17 @@ def test_table_has_mean_and_std_over_seeds() -> None:
     assert "| fedavg | 2 | 60.00 ± 14.14 |" in table
     assert "| label-share | 1 | 60.00 |" in table  # judged by its teacher
     assert "client-0: [1, 2]" in table
+
+
+def test_a_glob_selects_part_of_a_suite_with_its_sizes() -> None:
+    from benchmarks import SUITES, select_cells
+
+    full = SUITES["full"]
+    part = select_cells(full, "one-shot-*-a0.1-*-s0")
+
+    assert part.cells and part.sizes == full.sizes
+    assert {c.protocol for c in part.cells} == {"one-shot"}
+    assert {c.alpha for c in part.cells} == {0.1} and {c.seed for c in part.cells} == {0}
+    assert {c.dataset for c in part.cells} == {"fashion-mnist", "mnist"}
+    assert len(part.cells) == 2 * len({c.strategy for c in full.cells})
+    assert select_cells(full, "no-such-cell").cells == []
