@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -97,6 +98,7 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do on push
             node_id = msg.metadata.dst_node_id
             started = time.monotonic()
             try:

@@ -96,6 +96,7 @@ class CheckedFedAvg(FedAvg):
         self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
         self.round_offset = 0  # rounds completed before this start() (set when resuming)
         self._round_started = 0.0
+        self._instructions: list[Message] = []  # this round's train messages
 
     # --- schedule --------------------------------------------------------------------------
     def round_config(self, server_round: int) -> dict[str, bool | float]:
@@ -110,6 +111,7 @@ class CheckedFedAvg(FedAvg):
         self._round_started = time.perf_counter()
         round_config = ConfigRecord({**config, **self.round_config(server_round)})
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        self._instructions = messages  # the grid gives them their message ids when it sends
         self.rounds[server_round] = RoundLog(sampled=[m.metadata.dst_node_id for m in messages])
         log_downlink(self.rounds[server_round].traffic, messages)
         return messages
@@ -130,7 +132,7 @@ class CheckedFedAvg(FedAvg):
         round_log = self.rounds.setdefault(server_round, RoundLog())
         accepted = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._answering_node(msg)
             log_uplink(round_log.traffic, msg)
             if msg.has_error():
                 round_log.failed[node] = msg.error.reason
@@ -156,6 +158,17 @@ class CheckedFedAvg(FedAvg):
         answered = {*round_log.replied, *round_log.failed, *round_log.rejected}
         round_log.missing = [node for node in round_log.sampled if node not in answered]
         return accepted
+
+    def _answering_node(self, reply: Message) -> int:
+        """The node a reply answers for. The SuperLink answers for a node it lost with an error
+        reply from itself (source node id 1), so map replies through the instruction they
+        answer (``reply_to_message_id``) to that instruction's destination."""
+        destinations = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._instructions
+            if m.metadata.message_id
+        }
+        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def keep_replies(self, server_round: int, accepted: list[tuple[Message, TrainReply]]) -> None:
         """Keep what the server needs from the accepted replies of a round that is not skipped."""

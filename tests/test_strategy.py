@@ -1,13 +1,15 @@
 """Whole runs of the real ServerApp main loop against in-process ClientApps, on fake data."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Error, Message, MetricRecord
-from flwr.common.constant import ErrorCode
+from flwr.app import DEFAULT_TTL, Array, Error, Message, Metadata, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 import client_app.app as client_module
 from common.records import ARRAYS, LABEL_COUNTS, OPTIONAL_KEYS, REQUIRED_KEYS
@@ -73,6 +75,29 @@ def _error_reply(node: int):
             # Replying twice swaps source and destination back: the error comes from ``node``.
             return Message(error, reply_to=Message(error, reply_to=reply))
         return reply
+
+    return tamper
+
+
+def _superlink_error_reply(node: int):
+    """A tamper that replaces ``node``'s reply with the error the SuperLink sends for a node it
+    lost: from the SuperLink's own node id, answering the instruction."""
+
+    def tamper(node_id: int, reply: Message) -> Message:
+        if node_id != node:
+            return reply
+        instruction = Metadata(
+            run_id=reply.metadata.run_id,
+            message_id=reply.metadata.reply_to_message_id,
+            src_node_id=SUPERLINK_NODE_ID,
+            dst_node_id=node_id,
+            reply_to_message_id="",
+            group_id=reply.metadata.group_id,
+            created_at=time.time(),
+            ttl=DEFAULT_TTL,
+            message_type=reply.metadata.message_type,
+        )
+        return create_message_error_unavailable_res_message(instruction, "node_unavail")
 
     return tamper
 
@@ -184,6 +209,21 @@ def test_nan_reply_is_rejected_and_never_averaged(data_root, tmp_path) -> None:
     # Rejected means never averaged: the same model as if node 3 had not answered at all.
     _assert_same_state(_final_model(poisoned), _final_model(dropped))
     assert np.isfinite(_read(poisoned, "metrics.json")["rounds"]["1"]["loss"])
+
+
+def test_a_node_the_superlink_lost_is_recorded_as_that_node(data_root, tmp_path) -> None:
+    """The SuperLink's error reply comes from node id 1; participation names the lost node."""
+    _, folder = _run(
+        data_root,
+        tmp_path / "lost",
+        tamper=_superlink_error_reply(2),
+        strategy="fedavg",
+        num_rounds=1,
+    )
+    participation = _read(folder, "participation.json")["1"]
+    assert list(participation["failed"]) == ["2"]
+    assert sorted(participation["replied"]) == [1, 3]
+    assert participation["missing"] == []
 
 
 def _huge_weights_and_bad_counts(node: int):
