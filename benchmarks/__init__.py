@@ -3,7 +3,8 @@
 A suite is data: a list of :class:`Cell` (dataset, alpha, clients, protocol, strategy, seed)
 and the run-config sizes its runs share. Each cell runs through ``run_inprocess`` (the full
 server loop with in-process ClientApps, no Ray), and its record is written to
-``<out>/cells/<key>.json``. A cell whose record says ``ok`` is reused unless ``force``; a cell
+``<out>/cells/<key>.json``. A cell whose record says ``ok`` and holds the cell's current run
+config is reused unless ``force`` (a changed default makes it stale, and it runs again); a cell
 that raised is recorded as ``crashed`` with the error (and run again next time), never dropped.
 From the records, :func:`write_table` writes ``results.md`` (mean +- std over seeds per method
 and setting) and :func:`write_bar_chart` ``accuracy.png``.
@@ -245,6 +246,14 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(partial, path)
 
 
+def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The keys whose value differs between a record's config and ``current`` (compared as
+    JSON stores them): a changed default or suite size makes an old record stale, and reusing
+    it would put a number under a config that did not produce it."""
+    current = json.loads(json.dumps(dict(current), sort_keys=True, default=str))
+    return sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+
+
 def run_suite(
     suite: Suite,
     out: Path,
@@ -265,14 +274,17 @@ def run_suite(
     records = []
     for index, cell in enumerate(suite.cells, start=1):
         path = cells_dir / f"{cell.key}.json"
+        config = cell_run_config(cell, base, suite.sizes, runs_dir)
         if path.exists() and not force:
             record = json.loads(path.read_text())
-            if record.get("status") == "ok":
+            changed = _changed_keys(record.get("config", {}), config)
+            if record.get("status") == "ok" and not changed:
                 progress(f"[{index}/{len(suite.cells)}] {cell.key}: reused")
                 records.append(record)
                 continue
+            if record.get("status") == "ok":
+                progress(f"[{index}/{len(suite.cells)}] {cell.key}: stale ({', '.join(changed)})")
         progress(f"[{index}/{len(suite.cells)}] {cell.key}: running")
-        config = cell_run_config(cell, base, suite.sizes, runs_dir)
         record = run_cell(cell, config, runs_dir, runner)
         _write_json(path, record)
         record = json.loads(path.read_text())  # as a later reuse will read it

@@ -34,6 +34,9 @@ UPLOADS_GENERATOR: frozenset[str] = frozenset({"mosaic", "feddf", "mosaic-no-met
 UPLOADS_PROTOTYPES: frozenset[str] = frozenset({"mosaic"})
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
+# What the meta model starts from (and reads as one more gate token): the label-share mixture
+# of the client models, the mean of the experts, or nothing (the released code).
+MetaPrior = Literal["label-share", "experts", "none"]
 FaultMode = Literal[
     "none",
     "nan-weights",
@@ -128,7 +131,7 @@ class RunConfig(BaseModel):
     meta_val_fraction: float = Field(ge=0, lt=1)
     meta_patience: int = Field(ge=1)
     meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
-    meta_prior: bool  # start from the expert ensemble and learn a correction
+    meta_prior: MetaPrior  # start from this ensemble and learn a correction
     # --- distillation (server) --------------------------------------------------------------
     kd_steps: int = Field(ge=0)
     kd_batch_per_generator: int = Field(ge=1)
@@ -165,6 +168,10 @@ class RunConfig(BaseModel):
                 raise ValueError(
                     f"generator-round: {self.generator_round} is after kd-round {self.kd_round}"
                 )
+        if self.strategy == "mosaic-no-meta" and self.meta_prior == "none":
+            raise ValueError(
+                "meta-prior: mosaic-no-meta's teacher is the prior alone, so it cannot be 'none'"
+            )
         if self.resume and not self.run_name:
             raise ValueError("resume: needs the run-name of the run to continue")
         if self.min_replies > self.min_nodes:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -55,17 +54,16 @@ import tomli_w
 from common.config import ConfigError, Strategy
 from deploy.certs import Credentials, ensure_credentials
 from deploy.simulation import (
-    COMPLETED,
     EXIT_CONFIG,
     EXIT_FAILED,
-    EXIT_TIMEOUT,
     REPO,
-    RunInterruptedError,
     build_run_config,
     check_runnable,
     flower_env,
     free_ports,
+    guarded_run,
     print_report,
+    report_run_end,
     run_status,
     stop_processes,
     stream_flwr_run,
@@ -396,10 +394,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise RunInterruptedError(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -422,42 +416,30 @@ def main(argv: list[str] | None = None) -> int:
         f"\n  results: {folder}\n  data:    {cfg.data_root}\n  workdir: {args.workdir}",
         flush=True,
     )
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
     started = time.monotonic()
     federation = LocalFederation(
         args.workdir, args.clients, cfg.data_root, secure=not args.insecure
     )
-    try:
-        federation.start(args.startup_timeout)
-        run_id, status, details = federation.run(overrides, args.timeout)
-    except DeploymentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except subprocess.TimeoutExpired:
-        print(f"error: the run took longer than --timeout {args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except subprocess.CalledProcessError as error:
-        print(f"error: flwr run exited with {error.returncode}", file=sys.stderr)
-        return EXIT_FAILED
-    except RunInterruptedError as interrupt:
-        print(f"\nInterrupted ({interrupt}): stopping the federation", file=sys.stderr)
-        return 128 + interrupt.signum
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
+
+    def stop() -> None:
         if federation.superlink is not None:
             federation.stop()
             print(f"Stopped the SuperLink and {len(federation.supernodes)} SuperNodes")
 
-    if status != COMPLETED:
-        print(
-            f"error: run {run_id or '?'} ended as {status!r} ({details}). See the log above and "
-            f"{federation.logs}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    print(f"Run {run_id} {status} in {time.monotonic() - started:.0f} s (start-up included)")
+    with guarded_run("federation", args.timeout, stop) as early:
+        try:
+            federation.start(args.startup_timeout)
+            run_id, status, details = federation.run(overrides, args.timeout)
+        except DeploymentError as error:
+            print(f"error: {error}", file=sys.stderr)
+            early.code = EXIT_FAILED
+    if early.code is not None:
+        return early.code
+    seconds = time.monotonic() - started
+    if code := report_run_end(
+        run_id, status, details, federation.logs, seconds, " (start-up included)"
+    ):
+        return code
     print_report(folder)
     print_traffic(folder)
     return 0

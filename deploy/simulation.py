@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -431,6 +431,65 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise RunInterruptedError(signum)
 
 
+INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class RunExit:
+    """How a guarded run ended early: the exit code, or None while nothing went wrong."""
+
+    code: int | None = None
+
+
+@contextlib.contextmanager
+def guarded_run(what: str, timeout: float | None, cleanup: Callable[[], None]) -> Iterator[RunExit]:
+    """Run the body with Ctrl-C/SIGTERM/SIGHUP turned into an orderly stop, then ``cleanup()``.
+
+    A timeout, a failed ``flwr run`` or a signal is printed and becomes ``RunExit.code`` (124,
+    1, 128 + signal) instead of a traceback; during ``cleanup`` further signals are ignored,
+    so the processes the body started are always stopped. The previous handlers are back
+    afterwards. ``what`` names what is stopped.
+    """
+    previous = {signum: signal.getsignal(signum) for signum in INTERRUPTING_SIGNALS}
+    for signum in INTERRUPTING_SIGNALS:
+        signal.signal(signum, _raise_interrupted)
+    outcome = RunExit()
+    try:
+        yield outcome
+    except subprocess.TimeoutExpired:
+        print(f"error: the run took longer than --timeout {timeout:g} s", file=sys.stderr)
+        outcome.code = EXIT_TIMEOUT
+    except subprocess.CalledProcessError as error:
+        print(f"error: flwr run exited with {error.returncode}", file=sys.stderr)
+        outcome.code = EXIT_FAILED
+    except RunInterruptedError as interrupt:
+        print(f"\nInterrupted ({interrupt}): stopping the {what}", file=sys.stderr)
+        outcome.code = 128 + interrupt.signum
+    finally:
+        for signum in INTERRUPTING_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
+        try:
+            cleanup()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def report_run_end(
+    run_id: int | None, status: str, details: str, log: Path, seconds: float, note: str = ""
+) -> int:
+    """Print how the run ended (pointing at ``log`` if it did not complete); its exit code."""
+    if status != COMPLETED:
+        print(
+            f"error: run {run_id or '?'} ended as {status!r} ({details}). See the log above and "
+            f"{log}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"Run {run_id} {status} in {seconds:.0f} s{note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -469,8 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
+    log = flwr_home / "local-superlink" / "superlink.log"
     with tempfile.TemporaryDirectory(prefix="mosaic-run-config-") as scratch:
         run_config = Path(scratch) / "run-config.toml"
         run_config.write_text(tomli_w.dumps(overrides))
@@ -478,31 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--federation-config", federation]
         print("$ " + " ".join(command), flush=True)
         started = time.monotonic()
-        try:
+        stop = lambda: stop_local_superlink(flwr_home, http_port)  # noqa: E731
+        with guarded_run("simulation", args.timeout, stop) as early:
             run_id = stream_flwr_run(command, env, args.timeout)
             status, details = run_status(flwr, env, run_id)
-        except subprocess.TimeoutExpired:
-            print(f"error: the run took longer than --timeout {args.timeout:g} s", file=sys.stderr)
-            return EXIT_TIMEOUT
-        except subprocess.CalledProcessError as error:
-            print(f"error: flwr run exited with {error.returncode}", file=sys.stderr)
-            return EXIT_FAILED
-        except RunInterruptedError as interrupt:
-            print(f"\nInterrupted ({interrupt}): stopping the simulation", file=sys.stderr)
-            return 128 + interrupt.signum
-        finally:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
-            stop_local_superlink(flwr_home, http_port)
-
-    if status != COMPLETED:
-        print(
-            f"error: run {run_id or '?'} ended as {status!r} ({details}). See the log above and "
-            f"{flwr_home / 'local-superlink' / 'superlink.log'}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    print(f"Run {run_id} {status} in {time.monotonic() - started:.0f} s")
+    if early.code is not None:
+        return early.code
+    if code := report_run_end(run_id, status, details, log, time.monotonic() - started):
+        return code
     print_report(folder)
     return 0
 

@@ -8,9 +8,9 @@ Same data, partition, models, local work and seed as Mosaic; only the server's t
   share of all class-``c`` samples. Uses only the label counts; not distilled.
 - ``feddf``: the ``ensemble`` teacher distilled into the global model on generator data
   (FedDF-style: no experts, no meta model).
-- ``mosaic-no-meta``: Mosaic's per-class experts averaged by the meta model's prior alone (an
-  untrained ``MetaModel`` with ``prior=True`` is the mean log-softmax of the experts); the
-  ablation of the meta model.
+- ``mosaic-no-meta``: Mosaic's teacher with the meta model left untrained, that is its prior
+  alone (``meta-prior``: the label-share mixture of the client models by default, the mean of
+  the experts with ``experts``), distilled like Mosaic; the ablation of the meta model.
 - ``dense``: DENSE-style (Zhang et al., NeurIPS 2022): the ``ensemble`` teacher distilled into
   the global model on samples of a generator the server trains from scratch, in alternation
   with the student, against the client models (``server_app.dense``). It overrides
@@ -33,38 +33,8 @@ from common.data import generator_to_classifier_input
 from common.models import Classifier
 from server_app.dense import train_dense
 from server_app.distill import DistillResult
-from server_app.meta import MetaModel, MosaicTeacher
-from server_app.moe import ExpertEnsemble, build_experts
+from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
 from server_app.strategy import MosaicStrategy
-
-
-class ProbabilityMixture(nn.Module):
-    """``log sum_k w_kc p_k(c | x)`` over client models ``k``: a frozen teacher.
-
-    ``weights`` is ``[num_clients, num_classes]``; the output is a log-probability up to a
-    per-sample constant (softmax and argmax read it as logits). Classes with zero weight from
-    every client get ``log(1e-12)``.
-    """
-
-    def __init__(self, clients: ExpertEnsemble, weights: Tensor) -> None:
-        super().__init__()
-        if weights.shape[0] != clients.num_experts:
-            raise ValueError(
-                f"weights has {weights.shape[0]} rows for {clients.num_experts} client models"
-            )
-        self.clients = clients
-        self.register_buffer("weights", weights.float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        probabilities = self.clients(x).softmax(dim=-1)  # [B, K, C]
-        return (probabilities * self.weights).sum(dim=1).clamp_min(1e-12).log()
-
-
-def label_share_weights(counts: np.ndarray) -> Tensor:
-    """``n_kc / n_c`` per client ``k`` and class ``c``; zero for classes no client holds."""
-    counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
-    totals = counts.sum(dim=0, keepdim=True)
-    return torch.where(totals > 0, counts / totals.clamp_min(1), 0.0)
 
 
 class _BaselineStrategy(MosaicStrategy):
@@ -125,17 +95,9 @@ class FedDFStrategy(EnsembleStrategy):
 
 
 class MosaicNoMetaStrategy(_BaselineStrategy):
-    """Mosaic's experts combined by the meta model's prior only (no meta training)."""
+    """Mosaic's teacher with an untrained meta model: its prior alone, distilled."""
 
-    def build_teacher(
-        self, states: list[dict[str, Tensor]], counts: np.ndarray
-    ) -> tuple[nn.Module, dict[str, float]]:
-        experts = ExpertEnsemble(self.template, build_experts(states, counts)).to(self.device)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.seed)
-            meta = MetaModel(experts.num_experts, self.info.num_classes, prior=True)
-        self.meta_model = meta.to(self.device).eval()
-        return MosaicTeacher(experts, self.meta_model).to(self.device).eval(), {}
+    train_meta = False
 
 
 class DenseStrategy(EnsembleStrategy):

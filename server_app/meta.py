@@ -1,10 +1,12 @@
 """The meta model: learns how to combine the experts' logits into one prediction.
 
 It reads the ``E x C`` matrix of expert logits as ``E`` tokens (one per expert), as the
-released code does, and adds a parameter-free prior (the mean of the experts' log-softmax) to
-its output. The final layer starts at zero, so an untrained meta model *is* that ensemble and
-training only has to learn a correction: a meta model fitted on a few prototypes cannot end up
-far below the simple ensemble it starts from.
+released code does, and adds a parameter-free prior to its output: by default the label-share
+mixture of the client models' probabilities (``server_app.moe.ProbabilityMixture``), else the
+mean of the experts' log-softmax. The prior is also one more token of the gate's input, so the
+gate sees what the label counts already say. The final layer starts at zero, so an untrained
+meta model *is* its prior and training only has to learn a correction: a meta model fitted on
+a few prototypes cannot end up far below the simple ensemble it starts from.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from server_app.moe import ExpertEnsemble
+from server_app.moe import ExpertEnsemble, ProbabilityMixture
 
 
 class MetaModel(nn.Module):
@@ -55,7 +57,8 @@ class MetaModel(nn.Module):
         self.prior = prior
         self.expand = nn.Linear(num_classes, d_model)
         # Unit scale (as nn.Embedding): expert identity must be visible next to the logits.
-        self.expert_embedding = nn.Parameter(torch.randn(num_experts, d_model))
+        # With a prior, its log-probabilities are one more token (the last embedding row).
+        self.expert_embedding = nn.Parameter(torch.randn(num_experts + int(prior), d_model))
         self.transformer = nn.Transformer(
             d_model=d_model,
             nhead=num_classes,
@@ -70,17 +73,31 @@ class MetaModel(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def forward(self, expert_logits: Tensor) -> Tensor:
+    def forward(self, expert_logits: Tensor, prior: Tensor | None = None) -> Tensor:
+        """``[B, E, C]`` expert logits (and a ``[B, C]`` log-probability prior) -> logits.
+
+        Without ``prior``, a model built with ``prior=True`` uses the mean of the experts'
+        log-softmax; a model built with ``prior=False`` refuses one.
+        """
         if expert_logits.shape[1:] != (self.num_experts, self.num_classes):
             raise ValueError(
                 f"expected [B, {self.num_experts}, {self.num_classes}] expert logits,"
                 f" got {tuple(expert_logits.shape)}"
             )
-        tokens = self.expand(expert_logits) + self.expert_embedding
-        correction = self.out(self.transformer(tokens, tokens).sum(dim=1))
         if not self.prior:
-            return correction
-        return F.log_softmax(expert_logits, dim=-1).mean(dim=1) + correction
+            if prior is not None:
+                raise ValueError("this meta model was built without a prior")
+            tokens = self.expand(expert_logits) + self.expert_embedding
+            return self.out(self.transformer(tokens, tokens).sum(dim=1))
+        if prior is None:
+            prior = F.log_softmax(expert_logits, dim=-1).mean(dim=1)
+        elif prior.shape != (expert_logits.shape[0], self.num_classes):
+            raise ValueError(f"expected a [B, {self.num_classes}] prior, got {tuple(prior.shape)}")
+        # Normalised, so the token reads the same whatever constant the prior carries.
+        prior = F.log_softmax(prior, dim=-1)
+        sequence = torch.cat([expert_logits, prior.unsqueeze(1)], dim=1)
+        tokens = self.expand(sequence) + self.expert_embedding
+        return prior + self.out(self.transformer(tokens, tokens).sum(dim=1))
 
 
 @dataclass
@@ -110,10 +127,12 @@ def _split(
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[float, float]:
+def _evaluate(
+    model: nn.Module, inputs: Tensor, priors: Tensor | None, targets: Tensor
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in eval mode."""
     model.eval()
-    logits = model(inputs)
+    logits = model(inputs, priors)
     accuracy = (logits.argmax(1) == targets).float().mean().item()
     return accuracy, F.cross_entropy(logits, targets).item()
 
@@ -123,6 +142,7 @@ def train_meta_model(
     inputs: Tensor,
     targets: Tensor,
     *,
+    priors: Tensor | None = None,
     epochs: int,
     lr: float = 1e-3,
     batch_size: int = 128,
@@ -152,6 +172,9 @@ def train_meta_model(
         selected weights loaded.
     inputs, targets
         Expert logits ``[N, E, C]`` (``ensemble.heads(prototypes)``) and classes ``[N]``.
+    priors
+        ``[N, C]`` prior log-probabilities of the same prototypes (``prior.heads(...)``), or
+        None for the meta model's default prior (or none, if it was built without one).
     progress
         Receives one short line per epoch (the strategy routes it to Flower's logger).
     """
@@ -159,6 +182,11 @@ def train_meta_model(
         raise ValueError(
             f"expected inputs [N, E, C] and targets [N] with N > 0, got {tuple(inputs.shape)}"
             f" and {tuple(targets.shape)}"
+        )
+    if priors is not None and priors.shape != (inputs.shape[0], inputs.shape[2]):
+        raise ValueError(
+            f"expected priors [N, C] = {(inputs.shape[0], inputs.shape[2])},"
+            f" got {tuple(priors.shape)}"
         )
     if epochs < 0 or batch_size < 1 or patience < 1:
         raise ValueError("need epochs >= 0, batch_size >= 1 and patience >= 1")
@@ -172,11 +200,16 @@ def train_meta_model(
     meta.to(device)
     train_x, train_y = inputs[train_idx].to(device), targets[train_idx].to(device)
     val_x, val_y = inputs[val_idx].to(device), targets[val_idx].to(device)
+    if priors is not None:
+        priors = priors.detach().float().cpu()
+        train_p, val_p = priors[train_idx].to(device), priors[val_idx].to(device)
+    else:
+        train_p = val_p = None
 
     optimizer = torch.optim.Adam(meta.parameters(), lr=lr)
     ema = AveragedModel(meta, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
     selected = ema.module if ema is not None else meta  # the weights validated and kept
-    best_accuracy, best_loss = _evaluate(selected, val_x, val_y)
+    best_accuracy, best_loss = _evaluate(selected, val_x, val_p, val_y)
     best_state = copy.deepcopy(selected.state_dict())
     lowest_loss = best_loss
     history: list[dict[str, float]] = []
@@ -185,14 +218,15 @@ def train_meta_model(
         meta.train()
         train_loss = 0.0
         for batch in torch.randperm(len(train_y), generator=generator).split(batch_size):
-            loss = F.cross_entropy(meta(train_x[batch]), train_y[batch])
+            batch_prior = None if train_p is None else train_p[batch]
+            loss = F.cross_entropy(meta(train_x[batch], batch_prior), train_y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(meta)
             train_loss += loss.item() * len(batch) / len(train_y)
-        val_accuracy, val_loss = _evaluate(selected, val_x, val_y)
+        val_accuracy, val_loss = _evaluate(selected, val_x, val_p, val_y)
         history.append(
             {
                 "epoch": epoch,
@@ -220,20 +254,26 @@ def train_meta_model(
         lowest_loss = min(lowest_loss, val_loss)
 
     meta.load_state_dict(best_state)
-    train_accuracy, _ = _evaluate(meta, train_x, train_y)
-    val_accuracy, _ = _evaluate(meta, val_x, val_y)
+    train_accuracy, _ = _evaluate(meta, train_x, train_p, train_y)
+    val_accuracy, _ = _evaluate(meta, val_x, val_p, val_y)
     return MetaTrainResult(meta, train_accuracy, val_accuracy, epoch, history)
 
 
 class MosaicTeacher(nn.Module):
     """The distillation teacher: the meta model over the experts' logits on images.
 
-    It stays in eval mode whatever ``train()`` is called with: dropout in the meta model or
-    batch statistics in the experts would make the teacher's targets noisy.
+    ``prior`` (the label-share mixture of the client models) runs beside the experts when the
+    meta model takes one from outside. The teacher stays in eval mode whatever ``train()`` is
+    called with: dropout in the meta model or batch statistics in the experts would make its
+    targets noisy.
     """
 
-    def __init__(self, ensemble: ExpertEnsemble, meta: MetaModel) -> None:
+    def __init__(
+        self, ensemble: ExpertEnsemble, meta: MetaModel, prior: ProbabilityMixture | None = None
+    ) -> None:
         super().__init__()
+        if prior is not None and not meta.prior:
+            raise ValueError("a prior was given but the meta model was built without one")
         if meta.num_experts != ensemble.num_experts:
             raise ValueError(
                 f"meta model expects {meta.num_experts} experts, ensemble has"
@@ -241,10 +281,11 @@ class MosaicTeacher(nn.Module):
             )
         self.ensemble = ensemble
         self.meta = meta
+        self.prior = prior
         self.eval()
 
     def train(self, mode: bool = True) -> MosaicTeacher:
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.meta(self.ensemble(x))
+        return self.meta(self.ensemble(x), None if self.prior is None else self.prior(x))

@@ -1,9 +1,13 @@
-"""Mixture of per-class experts and the prototype bank the meta model learns from.
+"""Mixture of per-class experts, the label-share prior and the prototype bank.
 
 Expert ``c`` is the average of the client models weighted by how many samples of class ``c``
 each client holds, so under label skew it is dominated by the clients that actually saw ``c``.
-The experts share one architecture, so :class:`ExpertEnsemble` stacks their weights and runs
-all of them in one vmapped call instead of a Python loop over modules.
+:class:`ExpertEnsemble` runs the experts (or the client models themselves) side by side.
+
+Averaging parameters loses much of what each client learnt, while the client models' own
+probabilities, weighted by each client's share of a class (:func:`label_share_weights`), make a
+strong teacher from the label counts alone (:class:`ProbabilityMixture`). Mosaic's meta model
+starts from that mixture as its prior and learns from the experts how to correct it.
 """
 
 from __future__ import annotations
@@ -122,6 +126,44 @@ class ExpertEnsemble(nn.Module):
         This is how prototypes (feature-space centres) are scored: they live after the body.
         """
         return torch.stack([member.head(features) for member in self.members], dim=1)
+
+
+class ProbabilityMixture(nn.Module):
+    """``log sum_k w_kc p_k(c | x)`` over client models ``k``: a frozen teacher.
+
+    ``weights`` is ``[num_clients, num_classes]``; the output is a log-probability up to a
+    per-sample constant (softmax and argmax read it as logits). Classes with zero weight from
+    every client get ``log(1e-12)``.
+    """
+
+    def __init__(self, clients: ExpertEnsemble, weights: Tensor) -> None:
+        super().__init__()
+        if weights.shape[0] != clients.num_experts:
+            raise ValueError(
+                f"weights has {weights.shape[0]} rows for {clients.num_experts} client models"
+            )
+        self.clients = clients
+        self.register_buffer("weights", weights.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Log-mixture on images ``[B, ...]``: every client model runs in full."""
+        return self.mix(self.clients(x))
+
+    def heads(self, features: Tensor) -> Tensor:
+        """Log-mixture on penultimate features ``[B, d]`` (prototypes): heads only."""
+        return self.mix(self.clients.heads(features))
+
+    def mix(self, client_logits: Tensor) -> Tensor:
+        """``[B, K, C]`` client logits -> ``[B, C]`` log of the weighted probability mixture."""
+        probabilities = client_logits.softmax(dim=-1)
+        return (probabilities * self.weights).sum(dim=1).clamp_min(1e-12).log()
+
+
+def label_share_weights(counts: np.ndarray) -> Tensor:
+    """``n_kc / n_c`` per client ``k`` and class ``c``; zero for classes no client holds."""
+    counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+    totals = counts.sum(dim=0, keepdim=True)
+    return torch.where(totals > 0, counts / totals.clamp_min(1), 0.0)
 
 
 class PrototypeBank:

@@ -53,7 +53,13 @@ from common.records import (
 )
 from server_app.distill import DistillResult, distill
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
-from server_app.moe import ExpertEnsemble, PrototypeBank, build_experts
+from server_app.moe import (
+    ExpertEnsemble,
+    ProbabilityMixture,
+    PrototypeBank,
+    build_experts,
+    label_share_weights,
+)
 from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, log_uplink
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
@@ -252,6 +258,8 @@ def _strip_to_fedavg(msg: Message) -> Message:
 class MosaicStrategy(CheckedFedAvg):
     """FedAvg rounds, then MoE + meta-model distillation at ``kd-round``, then fine-tuning."""
 
+    train_meta = True  # False: the teacher is the meta model's prior alone (mosaic-no-meta)
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -319,7 +327,7 @@ class MosaicStrategy(CheckedFedAvg):
                 meta = MetaModel(
                     state["meta-model"]["num-experts"],
                     self.info.num_classes,
-                    prior=self.cfg.meta_prior,
+                    prior=self.cfg.meta_prior != "none",
                 )
             meta.load_state_dict(state["meta-model"]["weights"])
             self.meta_model = meta.to(self.device)
@@ -340,42 +348,57 @@ class MosaicStrategy(CheckedFedAvg):
     def build_teacher(
         self, states: list[dict[str, torch.Tensor]], counts: np.ndarray
     ) -> tuple[torch.nn.Module, dict[str, float]]:
-        """The MoE + meta teacher: per-class experts, meta model trained on the bank.
+        """The MoE + meta teacher: per-class experts, a prior, a meta model trained on the bank.
 
-        Baselines that distill another teacher (an ensemble, experts without the meta model)
-        override this one method.
+        The prior (``meta-prior``) is the label-share mixture of the client models themselves,
+        or the experts' mean; the meta model starts from it and learns, on the prototypes, how
+        the experts should correct it. With ``train_meta`` off (``mosaic-no-meta``) the
+        teacher is the prior alone. Baselines that distill another teacher override this.
         """
         cfg = self.cfg
         ensemble = ExpertEnsemble(self.template, build_experts(states, counts)).to(self.device)
-        features, classes = self.bank.tensors()
-        log(
-            INFO,
-            "Mosaic: %d experts, %d prototypes in the bank",
-            ensemble.num_experts,
-            len(classes),
-        )
-        with torch.no_grad():
-            inputs = ensemble.heads(features.to(self.device))
+        prior = None
+        if cfg.meta_prior == "label-share":
+            clients = ExpertEnsemble(self.template, dict(enumerate(states)))
+            prior = ProbabilityMixture(clients, label_share_weights(counts)).to(self.device)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            meta = MetaModel(ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior)
-        trained = train_meta_model(
-            meta,
-            inputs,
-            classes.to(self.device),
-            epochs=cfg.meta_epochs,
-            lr=cfg.meta_lr,
-            batch_size=cfg.meta_batch_size,
-            val_fraction=cfg.meta_val_fraction,
-            patience=cfg.meta_patience,
-            ema_decay=cfg.meta_ema,
-            seed=cfg.seed,
-            device=self.device,
-            progress=lambda line: log(INFO, "Mosaic meta model: %s", line),
-        )
-        self.meta_model = trained.model
-        teacher = MosaicTeacher(ensemble, trained.model).to(self.device).eval()
-        return teacher, {"meta-val-accuracy": trained.val_accuracy}
+            meta = MetaModel(
+                ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior != "none"
+            ).to(self.device)
+        figures: dict[str, float] = {}
+        if self.train_meta:
+            features, classes = self.bank.tensors()
+            log(
+                INFO,
+                "Mosaic: %d experts, %s prior, %d prototypes in the bank",
+                ensemble.num_experts,
+                cfg.meta_prior,
+                len(classes),
+            )
+            with torch.no_grad():
+                features = features.to(self.device)
+                inputs = ensemble.heads(features)
+                priors = None if prior is None else prior.heads(features)
+            trained = train_meta_model(
+                meta,
+                inputs,
+                classes.to(self.device),
+                priors=priors,
+                epochs=cfg.meta_epochs,
+                lr=cfg.meta_lr,
+                batch_size=cfg.meta_batch_size,
+                val_fraction=cfg.meta_val_fraction,
+                patience=cfg.meta_patience,
+                ema_decay=cfg.meta_ema,
+                seed=cfg.seed,
+                device=self.device,
+                progress=lambda line: log(INFO, "Mosaic meta model: %s", line),
+            )
+            meta = trained.model
+            figures["meta-val-accuracy"] = trained.val_accuracy
+        self.meta_model = meta.eval()
+        return MosaicTeacher(ensemble, meta, prior).to(self.device).eval(), figures
 
     def distill_round(
         self, student: Classifier, states: list[dict[str, torch.Tensor]], counts: np.ndarray

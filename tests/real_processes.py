@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,36 @@ def processes_with_home(flwr_home: Path) -> list[int]:
             if marker in environ and state != "Z":
                 found.append(int(entry.name))
     return found
+
+
+def run_launcher(
+    module: str, *args: str, results: Path, data_root: Path, timeout: float, margin: float
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module --timeout (timeout - margin) ... *args`` with results and data here.
+
+    The launcher gets ``margin`` seconds less than the test waits, to stop what it started. If
+    it still runs over, it is sent SIGTERM (it stops its processes, then exits) and the test
+    fails with the end of its output.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        "--timeout",
+        str(timeout - margin),
+        "--set",
+        f"results-dir={json.dumps(str(results))}",
+        "--set",
+        f"data-root={json.dumps(str(data_root))}",
+        *args,
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"{command} ran over {timeout} s\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from common.config import Strategy, parse_run_config, pyproject_defaults
+from common.data import dataset_info
+from common.models import build_classifier
 from server_app.app import STRATEGIES, phase_seconds
-from server_app.baselines import ProbabilityMixture, label_share_weights
-from server_app.moe import ExpertEnsemble
+from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
 from server_app.strategy import RoundLog
 from tests.fakedata import write_fake_fashion_mnist
 from tests.runs import read_json, run
@@ -115,3 +116,41 @@ def test_phases_name_what_each_strategy_did(strategy: str, expected: set[str]) -
 
     assert set(phases) == expected
     assert sum(phases.values()) == pytest.approx(10.0 * cfg.num_rounds)
+
+
+def _teacher_of(strategy: str, states, counts, **overrides) -> nn.Module:
+    """``strategy``'s teacher at the kd-round, built from ``states`` and ``counts``."""
+    cfg = parse_run_config({**pyproject_defaults(), "strategy": strategy, **overrides})
+    info = dataset_info(cfg.dataset)
+    template = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    )
+    chosen = STRATEGIES[strategy](
+        cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
+    )
+    teacher, _ = chosen.build_teacher(states, counts)
+    return teacher
+
+
+def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
+    """The meta model starts from the label-share prior: untrained, it *is* that teacher."""
+    torch.manual_seed(0)
+    info = dataset_info("fashion-mnist")
+    states = [
+        build_classifier(
+            "cnn", num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
+        ).state_dict()
+        for _ in range(3)
+    ]
+    counts = np.array([[50, 0, 3] + [1] * 7, [0, 40, 3] + [2] * 7, [5, 5, 30] + [0] * 7])
+    x = torch.randn(6, *info.image_shape)
+    overrides = {"model-width": 0.25}
+
+    no_meta = _teacher_of("mosaic-no-meta", states, counts, **overrides)(x)
+    label_share = _teacher_of("label-share", states, counts, **overrides)(x)
+    experts_mean = _teacher_of(
+        "mosaic-no-meta", states, counts, **overrides, **{"meta-prior": "experts"}
+    )(x)
+
+    torch.testing.assert_close(no_meta.log_softmax(1), label_share.log_softmax(1))
+    assert not torch.allclose(experts_mean.log_softmax(1), label_share.log_softmax(1))

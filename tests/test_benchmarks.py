@@ -89,6 +89,18 @@ def test_recorded_cells_are_reused_unless_forced(suite_run, base) -> None:
     assert forced.calls == [CELLS[0].key]
 
 
+def test_a_record_made_under_another_config_is_run_again(suite_run, base) -> None:
+    out, _, _ = suite_run
+    messages: list[str] = []
+    runner = CountingRunner()
+    changed = {**base, "kd-lr": base["kd-lr"] * 2}  # e.g. a default changed since
+    run_suite(
+        Suite("test", CELLS[:1], SIZES), out, base=changed, runner=runner, progress=messages.append
+    )
+    assert runner.calls == [CELLS[0].key]
+    assert any("stale (kd-lr)" in line for line in messages)
+
+
 def test_a_crashing_cell_is_recorded_and_reported(base, tmp_path) -> None:
     runner = CountingRunner(crash_strategy="label-share")
     records = run_suite(

@@ -78,7 +78,7 @@ def test_missing_key_is_named(defaults) -> None:
         ("local-steps", True),  # bool for int
         ("num-rounds", 2.5),
         ("lr", "0.01"),  # string for float
-        ("meta-prior", 1),  # int for bool
+        ("meta-prior", "mean"),  # not one of label-share | experts | none
         ("strategy", 1),
     ],
 )

@@ -12,9 +12,9 @@ from common.config import ConfigError, parse_run_config, pyproject_defaults
 from common.data import dataset_info, generator_to_classifier_input
 from common.models import GeneratorSpec, build_classifier
 from server_app.app import STRATEGIES
-from server_app.baselines import DenseStrategy, ProbabilityMixture
+from server_app.baselines import DenseStrategy
 from server_app.dense import adversarial_term, train_dense
-from server_app.moe import ExpertEnsemble
+from server_app.moe import ExpertEnsemble, ProbabilityMixture
 from tests.fakedata import PYPROJECT, class_pattern_images, write_fake_fashion_mnist
 from tests.runs import read_json, run
 

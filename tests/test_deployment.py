@@ -38,7 +38,7 @@ from deploy.simulation import (
     stop_processes,
 )
 from server_app.traffic import DOWNLINK, TOTAL, UPLINK
-from tests.real_processes import fetch_fashion_mnist, processes_with_home
+from tests.real_processes import fetch_fashion_mnist, processes_with_home, run_launcher
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "deploy" / "compose"
@@ -133,40 +133,23 @@ def test_deploy_local_runs_the_quick_config_over_tls_with_authenticated_supernod
     tmp_path: Path, data_root: Path
 ) -> None:
     workdir, results = tmp_path / "work", tmp_path / "results"
-    command = [
-        sys.executable,
-        "-m",
-        "deploy.local",
-        "--clients",
-        "3",
-        "--profile",
-        "conf/quick.toml",
-        "--name",
-        "deploy-quick",
-        "--workdir",
-        str(workdir),
-        "--timeout",
-        str(RUN_TIMEOUT - 120),
-        "--set",
-        f"results-dir={json.dumps(str(results))}",
-        "--set",
-        f"data-root={json.dumps(str(data_root))}",
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # deploy.local stops its federation, then exits
-        output, _ = process.communicate(timeout=60)
-        pytest.fail(f"deploy.local ran over {RUN_TIMEOUT} s:\n{output[-6000:]}")
+        result = run_launcher(
+            "deploy.local",
+            *("--clients", "3", "--profile", "conf/quick.toml", "--name", "deploy-quick"),
+            *("--workdir", str(workdir)),
+            results=results,
+            data_root=data_root,
+            timeout=RUN_TIMEOUT,
+            margin=120,
+        )
     finally:
         leftovers = processes_with_home(workdir / "flwr-home")
         if leftovers:
             stop_processes(leftovers)
+    output = result.stdout + result.stderr
 
-    assert process.returncode == 0, output[-8000:]
+    assert result.returncode == 0, output[-8000:]
     assert not leftovers, "deploy.local left processes running"
     assert re.search(r"Run \d+ finished:completed", output)
     assert "final test accuracy" in output and "bytes per client per round" in output

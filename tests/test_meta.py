@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from common.models import build_classifier
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
-from server_app.moe import ExpertEnsemble, build_experts
+from server_app.moe import ExpertEnsemble, ProbabilityMixture, build_experts, label_share_weights
 
 
 def _one_reliable_expert(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,8 +28,8 @@ def test_untrained_meta_model_equals_mean_log_softmax_prior() -> None:
     meta = MetaModel(num_experts=3, num_classes=4).eval()
     logits = torch.randn(5, 3, 4)
 
-    expected = F.log_softmax(logits, dim=-1).mean(dim=1)
-    torch.testing.assert_close(meta(logits), expected)
+    expected = F.log_softmax(logits, dim=-1).mean(dim=1)  # normalised to log-probabilities
+    torch.testing.assert_close(meta(logits), F.log_softmax(expected, dim=-1))
 
 
 def test_meta_model_without_prior_outputs_class_logits() -> None:
@@ -92,13 +92,13 @@ def test_ema_option_runs_and_returns_averaged_weights() -> None:
         MetaModel(3, 4, dim_feedforward=64),
         inputs,
         targets,
-        epochs=30,
+        epochs=60,
         lr=3e-3,
         ema_decay=0.9,
-        patience=30,
+        patience=60,
         device="cpu",
     )
-    assert result.epochs_run == 30
+    assert result.epochs_run == 60
     assert result.val_accuracy >= 0.9
 
 
@@ -114,3 +114,50 @@ def test_teacher_is_meta_over_ensemble_and_stays_in_eval() -> None:
 
     assert not teacher.training and not meta.training
     torch.testing.assert_close(teacher(x), meta(ensemble(x)))
+
+
+def test_untrained_meta_model_is_the_given_prior() -> None:
+    meta = MetaModel(num_experts=3, num_classes=4).eval()
+    logits, prior = torch.randn(5, 3, 4), torch.randn(5, 4)
+
+    torch.testing.assert_close(meta(logits, prior), F.log_softmax(prior, dim=-1))
+    with pytest.raises(ValueError, match="prior"):
+        meta(logits, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="without a prior"):
+        MetaModel(3, 4, prior=False)(logits, prior)
+
+
+def test_the_gate_reads_the_prior_token() -> None:
+    """Experts are noise and the prior is always one class off: only reading the prior as an
+    input (not just adding it) lets the meta model correct it."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 4, (400,), generator=generator)
+    inputs = torch.randn(400, 3, 4, generator=generator)
+    prior = 4.0 * F.one_hot((targets + 1) % 4, 4).float()
+    meta = MetaModel(3, 4, dim_feedforward=64)
+    assert (meta.eval()(inputs, prior).argmax(1) == targets).float().mean() == 0.0
+
+    result = train_meta_model(
+        meta, inputs, targets, priors=prior, epochs=60, lr=3e-3, patience=60, device="cpu"
+    )
+
+    assert result.val_accuracy >= 0.95
+
+
+def test_teacher_adds_the_label_share_prior_of_the_client_models() -> None:
+    model = build_classifier("cnn", num_classes=4, in_shape=(1, 8, 8), width=0.25).eval()
+    counts = np.array([[1, 2, 0, 3], [4, 0, 0, 1]])
+    states = [model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()}]
+    ensemble = ExpertEnsemble(model, build_experts(states, counts))
+    prior = ProbabilityMixture(
+        ExpertEnsemble(model, dict(enumerate(states))), label_share_weights(counts)
+    )
+    meta = MetaModel(num_experts=3, num_classes=4)
+    x = torch.randn(2, 1, 8, 8)
+
+    teacher = MosaicTeacher(ensemble, meta, prior)
+
+    torch.testing.assert_close(teacher(x), meta(ensemble(x), prior(x)))
+    torch.testing.assert_close(teacher(x), prior(x).log_softmax(1))  # untrained: the prior
+    with pytest.raises(ValueError, match="without one"):
+        MosaicTeacher(ensemble, MetaModel(3, 4, prior=False), prior)

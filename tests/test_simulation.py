@@ -8,9 +8,7 @@ Every process a run spawns inherits its ``FLWR_HOME``, which is how the tests fi
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -20,7 +18,7 @@ import pytest
 import torch
 
 from deploy.simulation import find_local_superlinks, list_processes, stop_processes
-from tests.real_processes import fetch_fashion_mnist, processes_with_home
+from tests.real_processes import fetch_fashion_mnist, processes_with_home, run_launcher
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
@@ -52,30 +50,16 @@ def simulate(tmp_path: Path, flwr_home: Path, data_root: Path) -> Simulate:
     """Run ``python -m deploy.simulation`` with results in tmp_path; SIGTERM it on timeout."""
 
     def run(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        command = [
-            sys.executable,
-            "-m",
+        return run_launcher(
             "deploy.simulation",
             "--flwr-home",
             str(flwr_home),
-            "--timeout",
-            str(timeout - 60),
-            "--set",
-            f"results-dir={json.dumps(str(tmp_path / 'results'))}",
-            "--set",
-            f"data-root={json.dumps(str(data_root))}",
             *args,
-        ]
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            results=tmp_path / "results",
+            data_root=data_root,
+            timeout=timeout,
+            margin=60,
         )
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)  # it stops its SuperLink before exiting
-            stdout, stderr = process.communicate(timeout=60)
-            pytest.fail(f"{command} ran over {timeout} s\n{stdout[-4000:]}\n{stderr[-4000:]}")
-        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
     return run
 
