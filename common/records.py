@@ -134,6 +134,31 @@ def state_signature(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[
     return {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
 
 
+EVALUATE_METRICS = frozenset({"num-examples", "accuracy", "loss"})
+
+
+def validate_evaluate_reply(content: RecordDict) -> None:
+    """Check an evaluate reply: one MetricRecord ``metrics`` with a sane ``num-examples``, an
+    ``accuracy`` in [0, 1] and a finite non-negative ``loss``; raise on the first broken rule.
+
+    FedAvg weights client metrics by ``num-examples``: one NaN or a huge count would decide the
+    round's reported accuracy, and a reply with other keys would end the run.
+    """
+    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
+        raise MalformedReplyError("record-keys", f"expected one MetricRecord {METRICS!r}")
+    metrics = content[METRICS]
+    if set(metrics.keys()) != EVALUATE_METRICS:
+        raise MalformedReplyError("metrics-keys", f"got {sorted(metrics.keys())}")
+    num_examples = metrics["num-examples"]
+    if not _is_int(num_examples) or not 0 < num_examples <= MAX_SAMPLES_PER_CLIENT:
+        raise MalformedReplyError("num-examples", f"{num_examples!r} is not a sane sample count")
+    accuracy, loss = metrics["accuracy"], metrics["loss"]
+    if not isinstance(accuracy, float) or not 0.0 <= accuracy <= 1.0:
+        raise MalformedReplyError("accuracy", f"{accuracy!r} is not a float in [0, 1]")
+    if not isinstance(loss, float) or not (np.isfinite(loss) and loss >= 0.0):
+        raise MalformedReplyError("loss", f"{loss!r} is not a finite non-negative float")
+
+
 def validate_train_reply(
     content: RecordDict,
     *,

@@ -49,6 +49,7 @@ from common.records import (
     record_to_state,
     state_signature,
     state_to_record,
+    validate_evaluate_reply,
     validate_train_reply,
 )
 from server_app.distill import DistillResult, distill
@@ -79,6 +80,7 @@ class RoundLog:
     seconds: float = 0.0
     mosaic: dict[str, float] = field(default_factory=dict)
     traffic: NodeTraffic = field(default_factory=dict)  # bytes per node, record (traffic.py)
+    evaluate_rejected: dict[int, str] = field(default_factory=dict)  # malformed evaluate replies
 
 
 class CheckedFedAvg(FedAvg):
@@ -223,8 +225,30 @@ class CheckedFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """FedAvg's, told the run's round number (see ``round_offset``)."""
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+        """FedAvg's over the well-formed replies, told the run's round number (``round_offset``).
+
+        A malformed reply (:func:`validate_evaluate_reply`) is logged and left out, as in
+        training; error replies go to FedAvg, which counts them as failures.
+        """
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        kept = []
+        for msg in replies:
+            if not msg.has_error():
+                try:
+                    validate_evaluate_reply(msg.content)
+                except MalformedReplyError as error:
+                    node = self._answering_node(msg)
+                    round_log.evaluate_rejected[node] = error.rule
+                    log(
+                        WARNING,
+                        "round %d: rejected evaluate reply of node %d (%s)",
+                        server_round,
+                        node,
+                        error,
+                    )
+                    continue
+            kept.append(msg)
+        return super().aggregate_evaluate(server_round + self.round_offset, kept)
 
     # --- checkpoint ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -20,6 +20,7 @@ from common.records import (
     record_to_state,
     state_signature,
     state_to_record,
+    validate_evaluate_reply,
     validate_train_reply,
 )
 from common.train import Prototypes
@@ -378,3 +379,33 @@ def test_boolean_partition_id_is_rejected(model) -> None:
     content[CLIENT] = ConfigRecord({"partition-id": True})
     with pytest.raises(MalformedReplyError):
         _validate(content, model)
+
+
+def _evaluate_reply(**metrics) -> RecordDict:
+    values = {"num-examples": 100, "accuracy": 0.5, "loss": 1.2, **metrics}
+    return RecordDict({"metrics": MetricRecord({k: v for k, v in values.items() if v is not None})})
+
+
+def test_a_well_formed_evaluate_reply_passes() -> None:
+    validate_evaluate_reply(_evaluate_reply())
+
+
+@pytest.mark.parametrize(
+    ("content", "rule"),
+    [
+        (_evaluate_reply(accuracy=float("nan")), "accuracy"),
+        (_evaluate_reply(accuracy=1.5), "accuracy"),
+        (_evaluate_reply(loss=float("inf")), "loss"),
+        (_evaluate_reply(loss=-1.0), "loss"),
+        (_evaluate_reply(**{"num-examples": 0}), "num-examples"),
+        (_evaluate_reply(**{"num-examples": 10**12}), "num-examples"),
+        (_evaluate_reply(loss=None), "metrics-keys"),
+        (_evaluate_reply(smuggled=1.0), "metrics-keys"),
+        (RecordDict({"metrics": ConfigRecord({"accuracy": 0.5})}), "record-keys"),
+        (RecordDict({}), "record-keys"),
+    ],
+)
+def test_a_malformed_evaluate_reply_names_the_rule_it_breaks(content, rule) -> None:
+    with pytest.raises(MalformedReplyError) as error:
+        validate_evaluate_reply(content)
+    assert error.value.rule == rule

@@ -331,3 +331,22 @@ def test_another_seed_gives_another_model(data_root, tmp_path) -> None:
     _, second = _run(data_root, tmp_path / "b", strategy="fedavg", num_rounds=1, seed=1)
     first_state, second_state = _final_model(first), _final_model(second)
     assert any(not torch.equal(t, second_state[k]) for k, t in first_state.items())
+
+
+def test_a_malformed_evaluate_reply_is_rejected_and_logged(data_root, tmp_path) -> None:
+    def nan_accuracy(node_id: int, reply: Message) -> Message:
+        if node_id == 3 and reply.metadata.message_type == "evaluate":
+            reply.content["metrics"]["accuracy"] = float("nan")
+        return reply
+
+    _, folder = _run(
+        data_root,
+        tmp_path,
+        tamper=nan_accuracy,
+        strategy="fedavg",
+        num_rounds=1,
+        fraction_evaluate=1.0,
+    )
+    round_log = _read(folder, "participation.json")["1"]
+    assert round_log["evaluate_rejected"] == {"3": "accuracy"}
+    assert sorted(round_log["replied"]) == [1, 2, 3]  # its train reply was fine
