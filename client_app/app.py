@@ -28,7 +28,7 @@ from common.generator import train_generator
 from common.models import GeneratorSpec, build_classifier
 from common.paths import data_root
 from common.records import ARRAYS, pack_train_reply, record_to_state
-from common.train import Prototypes, compute_prototypes, evaluate, resolve_device, train_local
+from common.train import compute_prototypes, evaluate, resolve_device, train_local
 
 app = ClientApp()
 
@@ -76,8 +76,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     model.load_state_dict(record_to_state(msg.content[ARRAYS]))
 
-    def prototypes_now() -> Prototypes:
-        return compute_prototypes(
+    # Prototypes describe the data under the *global* model (whose feature space the experts'
+    # heads share), so they are taken before local training moves the model away from it.
+    prototypes = None
+    if round_config.get("send-prototypes", False):
+        prototypes = compute_prototypes(
             model,
             images,
             labels,
@@ -86,13 +89,6 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
             seed=seed,
         )
-
-    # Prototypes describe the data under the *global* model, so take them before training;
-    # in round 1 that model is still the untrained initialisation (one-shot runs have nothing
-    # else), so there they are taken after local training, under the client's own model.
-    send_prototypes = bool(round_config.get("send-prototypes", False))
-    under_global = send_prototypes and server_round > 1
-    prototypes = prototypes_now() if under_global else None
 
     result = train_local(
         model,
@@ -107,8 +103,6 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         seed=seed,
     )
-    if send_prototypes and not under_global:
-        prototypes = prototypes_now()
     counts = label_counts(labels, info.num_classes)
 
     generator_state = None

@@ -191,6 +191,16 @@ class RunConfig(BaseModel):
         """The round in which clients train and upload their generator (once per run)."""
         return self.generator_round or self.kd_round
 
+    @property
+    def prototype_rounds(self) -> range:
+        """The rounds in which clients send prototypes: ``proto-start-round`` to ``kd-round``,
+        round 1 left out. Prototypes are scored by the experts' heads, which only read the
+        feature space of the global model they all started from; in round 1 that model is
+        the untrained initialisation, and features of each client's own model would be in a
+        space the other heads do not share (in one-shot runs this lowered the teacher from
+        87.9% to 74.1%). So a one-shot run has no prototypes and the meta model its prior."""
+        return range(max(2, self.proto_start_round), self.kd_round + 1)
+
     def local_steps_for(self, num_samples: int) -> int:
         """SGD steps of one round for a client holding ``num_samples``: ``local-steps``, or
         ``local-epochs`` passes over the data (rounded up, at least one step) when set."""

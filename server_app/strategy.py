@@ -316,7 +316,7 @@ class MosaicStrategy(CheckedFedAvg):
         }
 
     def prototypes_expected(self, server_round: int) -> bool:
-        return self.cfg.proto_start_round <= server_round <= self.cfg.kd_round
+        return server_round in self.cfg.prototype_rounds
 
     def generator_signature(self, server_round: int) -> dict | None:
         if server_round != self.cfg.generator_round_resolved:
@@ -391,7 +391,9 @@ class MosaicStrategy(CheckedFedAvg):
                 ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior != "none"
             ).to(self.device)
         figures: dict[str, float] = {}
-        if self.train_meta:
+        if self.train_meta and not len(self.bank):
+            log(INFO, "Mosaic: no prototypes in the bank; the meta model keeps its prior")
+        elif self.train_meta:
             features, classes = self.bank.tensors()
             log(
                 INFO,

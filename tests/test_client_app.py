@@ -155,9 +155,9 @@ def test_prototypes_only_when_asked(run_config) -> None:
 
 
 @pytest.mark.parametrize("server_round", [1, 2])
-def test_prototypes_under_the_global_model_except_in_round_one(run_config, server_round) -> None:
-    """From round 2 the centres are features of the model the server sent; in round 1 that
-    model is the untrained initialisation, so they come from the locally trained one."""
+def test_prototypes_are_features_of_the_global_model(run_config, server_round) -> None:
+    """The centres are features of the model the server sent, not of the locally trained one:
+    the experts' heads that score them share the global model's feature space."""
     cfg = parse_run_config(run_config)
     partition_id = 1
     msg = _train_message(run_config, server_round, **{"send-prototypes": True})
@@ -179,7 +179,7 @@ def test_prototypes_under_the_global_model_except_in_round_one(run_config, serve
             seed=cfg.seed + 1000 * partition_id + server_round,
         ).features
 
-    expected, other = (trained, sent) if server_round == 1 else (sent, trained)
+    expected, other = sent, trained
     got = reply.content[PROTOTYPES]["features"].numpy()
     np.testing.assert_allclose(got, centres(expected).numpy(), rtol=1e-5, atol=1e-6)
     unexpected = centres(other).numpy()

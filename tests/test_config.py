@@ -199,3 +199,14 @@ def test_local_epochs_become_steps_per_client(epochs, num_samples, expected) -> 
 def test_negative_local_epochs_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="local-epochs"):
         parse_run_config({**pyproject_defaults(), "local-epochs": -1.0})
+
+
+@pytest.mark.parametrize(
+    ("start", "kd_round", "rounds"), [(1, 1, []), (1, 3, [2, 3]), (3, 5, [3, 4, 5])]
+)
+def test_prototypes_are_never_asked_for_in_round_one(start, kd_round, rounds) -> None:
+    """In round 1 the global model is untrained: no feature space the experts' heads share."""
+    cfg = parse_run_config(
+        {**pyproject_defaults(), "proto-start-round": start, "kd-round": kd_round}
+    )
+    assert list(cfg.prototype_rounds) == rounds

@@ -132,6 +132,8 @@ def valid_configs(draw) -> dict[str, Any]:
     values["proto-start-round"] = draw(st.integers(1, values["kd-round"]))
     values["generator-round"] = draw(st.integers(0, values["kd-round"]))
     values["min-replies"] = draw(st.integers(1, values["min-nodes"]))
+    if values["strategy"] == "mosaic-no-meta" and values["meta-prior"] == "none":
+        values["meta-prior"] = draw(st.sampled_from(["label-share", "experts"]))
     if values["fault-mode"] != "none":
         values["fault-partition"] = draw(st.integers(0, UNBOUNDED))
     if values["resume"] and not values["run-name"]:
@@ -184,6 +186,7 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
         },
     ),
     ("resume", lambda draw, v: {"resume": True, "run-name": ""}),
+    ("meta-prior", lambda draw, v: {"strategy": "mosaic-no-meta", "meta-prior": "none"}),
 ]
 
 

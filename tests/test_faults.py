@@ -20,9 +20,14 @@ BAD_PARTITION = 2
 BAD_NODE = str(BAD_PARTITION + 1)
 GOOD_NODES = [1, 2]
 MOSAIC_2_ROUNDS = {"strategy": "mosaic", "num_rounds": 2, "kd_round": 2, "proto_start_round": 1}
-# Round 1 asks for no generator: the added one is unexpected there, the wrong one in round 2.
+# Round 1 asks for no generator and no prototypes: added ones are unexpected there, wrong ones
+# in round 2.
 RULES_PER_ROUND = {mode: {1: rule, 2: rule} for mode, rule in EXPECTED_RULES.items()} | {
-    "wrong-generator": {1: "generator-unexpected", 2: "generator-shape"}
+    "wrong-generator": {1: "generator-unexpected", 2: "generator-shape"},
+    "oversized-prototypes": {
+        1: "prototypes-unexpected",
+        2: EXPECTED_RULES["oversized-prototypes"],
+    },
 }
 
 

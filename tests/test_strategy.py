@@ -107,7 +107,8 @@ def _superlink_error_reply(node: int):
 
 @pytest.fixture(scope="module")
 def mosaic_run(data_root, tmp_path_factory):
-    """One Mosaic run: 3 rounds, prototypes from round 1, generators and KD at round 2."""
+    """One Mosaic run: 3 rounds, prototypes in round 2 (never round 1), generators and KD at
+    round 2."""
     return _run(data_root, tmp_path_factory.mktemp("results"), strategy="mosaic")
 
 
@@ -172,7 +173,7 @@ def test_mosaic_run_sends_only_allowed_records(mosaic_run) -> None:
     with_generator = [m for m in train_replies if "generator" in m.content]
     assert len(with_generator) == NUM_NODES  # once per client, in the kd-round
     with_prototypes = [m for m in train_replies if "prototypes" in m.content]
-    assert len(with_prototypes) == 2 * NUM_NODES  # rounds 1 and 2 only, not round 3
+    assert len(with_prototypes) == NUM_NODES  # round 2 only: not round 1 (untrained), nor 3
 
 
 def test_fedavg_run_has_no_mosaic_figures(data_root, tmp_path) -> None:

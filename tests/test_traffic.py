@@ -150,7 +150,7 @@ def test_a_run_records_bytes_per_node_and_record_every_round(tmp_path: Path) -> 
     for server_round, round_log in participation.items():
         server_round = int(server_round)
         assert set(round_log["traffic"]) == {str(node) for node in round_log["sampled"]}
-        with_prototypes = config["proto-start-round"] <= server_round <= config["kd-round"]
+        with_prototypes = server_round in parse_run_config(config).prototype_rounds
         uplinks = [sizes[UPLINK] for sizes in round_log["traffic"].values()]
         for sizes in round_log["traffic"].values():
             down, up = sizes[DOWNLINK], sizes[UPLINK]
