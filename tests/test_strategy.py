@@ -1,22 +1,20 @@
 """Whole runs of the real ServerApp main loop against in-process ClientApps, on fake data."""
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, Array, Error, Message, Metadata, MetricRecord
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.app import DEFAULT_TTL, Array, Message, Metadata, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 import client_app.app as client_module
 from common.records import ARRAYS, LABEL_COUNTS, OPTIONAL_KEYS, REQUIRED_KEYS
-from server_app.inprocess import run_inprocess
-from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
+from tests.fakedata import write_fake_fashion_mnist
+from tests.runs import NUM_NODES, assert_same_state, error_reply, final_model, read_json, run
 
-NUM_NODES = 3
 KD_FIGURES = (
     "teacher-accuracy",
     "pre-kd-accuracy",
@@ -31,26 +29,6 @@ def data_root(tmp_path_factory) -> Path:
     return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
 
 
-def _run(data_root: Path, results: Path, tamper=None, **overrides):
-    config = tiny_run_config(data_root, results, **overrides)
-    grid = run_inprocess(config, NUM_NODES, tamper=tamper)
-    return grid, results / config["run-name"]
-
-
-def _read(folder: Path, name: str):
-    return json.loads((folder / name).read_text())
-
-
-def _final_model(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "final_model.pt", weights_only=True)
-
-
-def _assert_same_state(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    for key, tensor in first.items():
-        assert torch.equal(tensor, second[key]), key
-
-
 def _nan_weights(node: int):
     """A tamper that puts NaN into the first float weight of ``node``'s train reply."""
 
@@ -61,19 +39,6 @@ def _nan_weights(node: int):
             poisoned = arrays[key].numpy().copy()
             poisoned.reshape(-1)[0] = np.nan
             arrays[key] = Array(poisoned)
-        return reply
-
-    return tamper
-
-
-def _error_reply(node: int):
-    """A tamper that replaces ``node``'s reply (after it trained) with an error reply."""
-
-    def tamper(node_id: int, reply: Message) -> Message:
-        if node_id == node:
-            error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "dropped")
-            # Replying twice swaps source and destination back: the error comes from ``node``.
-            return Message(error, reply_to=Message(error, reply_to=reply))
         return reply
 
     return tamper
@@ -109,12 +74,12 @@ def _superlink_error_reply(node: int):
 def mosaic_run(data_root, tmp_path_factory):
     """One Mosaic run: 3 rounds, prototypes in round 2 (never round 1), generators and KD at
     round 2."""
-    return _run(data_root, tmp_path_factory.mktemp("results"), strategy="mosaic")
+    return run(data_root, tmp_path_factory.mktemp("results"), strategy="mosaic")
 
 
 def test_mosaic_run_writes_the_results_folder(mosaic_run, data_root) -> None:
     _, folder = mosaic_run
-    config = _read(folder, "config.json")
+    config = read_json(folder, "config.json")
     assert config["strategy"] == "mosaic"
     assert config["data-root"] == str(data_root)
     for name in ("metrics.json", "label_counts.json", "participation.json", "accuracy.png"):
@@ -125,7 +90,7 @@ def test_mosaic_run_writes_the_results_folder(mosaic_run, data_root) -> None:
 
 def test_mosaic_metrics_cover_every_round_and_the_kd_figures(mosaic_run) -> None:
     _, folder = mosaic_run
-    metrics = _read(folder, "metrics.json")
+    metrics = read_json(folder, "metrics.json")
     rounds = metrics["rounds"]
     assert sorted(rounds, key=int) == ["0", "1", "2", "3"]
     for entry in rounds.values():
@@ -143,12 +108,12 @@ def test_mosaic_metrics_cover_every_round_and_the_kd_figures(mosaic_run) -> None
 
 def test_mosaic_label_counts_and_participation(mosaic_run) -> None:
     _, folder = mosaic_run
-    counts = _read(folder, "label_counts.json")
+    counts = read_json(folder, "label_counts.json")
     assert sorted(counts) == [f"client-{i}" for i in range(NUM_NODES)]
     assert all(len(c) == 10 for c in counts.values())
     assert sum(sum(c) for c in counts.values()) == 600  # partitions cover the train split
 
-    participation = _read(folder, "participation.json")
+    participation = read_json(folder, "participation.json")
     assert sorted(participation, key=int) == ["1", "2", "3"]
     for entry in participation.values():
         assert sorted(entry["replied"]) == [1, 2, 3]
@@ -159,7 +124,7 @@ def test_mosaic_label_counts_and_participation(mosaic_run) -> None:
 
 def test_mosaic_final_model_loads_safely(mosaic_run) -> None:
     _, folder = mosaic_run
-    state = _final_model(folder)
+    state = final_model(folder)
     assert state
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
@@ -177,51 +142,51 @@ def test_mosaic_run_sends_only_allowed_records(mosaic_run) -> None:
 
 
 def test_fedavg_run_has_no_mosaic_figures(data_root, tmp_path) -> None:
-    _, folder = _run(data_root, tmp_path, strategy="fedavg")
-    rounds = _read(folder, "metrics.json")["rounds"]
+    _, folder = run(data_root, tmp_path, strategy="fedavg")
+    rounds = read_json(folder, "metrics.json")["rounds"]
     assert sorted(rounds, key=int) == ["0", "1", "2", "3"]
     for entry in rounds.values():
         assert not any(key.startswith(("teacher-", "pre-kd-", "post-kd-")) for key in entry)
         assert "kd-seconds" not in entry
     assert not (folder / "generator_samples").exists()
-    assert _final_model(folder)
+    assert final_model(folder)
 
 
 def test_fedprox_run_completes(data_root, tmp_path) -> None:
-    _, folder = _run(data_root, tmp_path, strategy="fedprox", proximal_mu=0.1, num_rounds=1)
-    assert sorted(_read(folder, "metrics.json")["rounds"], key=int) == ["0", "1"]
+    _, folder = run(data_root, tmp_path, strategy="fedprox", proximal_mu=0.1, num_rounds=1)
+    assert sorted(read_json(folder, "metrics.json")["rounds"], key=int) == ["0", "1"]
 
 
 # --- faults ----------------------------------------------------------------------------------
 
 
 def test_nan_reply_is_rejected_and_never_averaged(data_root, tmp_path) -> None:
-    _, poisoned = _run(
+    _, poisoned = run(
         data_root, tmp_path / "nan", tamper=_nan_weights(3), strategy="fedavg", num_rounds=1
     )
-    _, dropped = _run(
-        data_root, tmp_path / "drop", tamper=_error_reply(3), strategy="fedavg", num_rounds=1
+    _, dropped = run(
+        data_root, tmp_path / "drop", tamper=error_reply(3), strategy="fedavg", num_rounds=1
     )
 
-    participation = _read(poisoned, "participation.json")["1"]
+    participation = read_json(poisoned, "participation.json")["1"]
     assert participation["rejected"] == {"3": "weights-finite"}
     assert sorted(participation["replied"]) == [1, 2]
-    assert _read(dropped, "participation.json")["1"]["failed"] == {"3": "dropped"}
+    assert read_json(dropped, "participation.json")["1"]["failed"] == {"3": "dropped"}
     # Rejected means never averaged: the same model as if node 3 had not answered at all.
-    _assert_same_state(_final_model(poisoned), _final_model(dropped))
-    assert np.isfinite(_read(poisoned, "metrics.json")["rounds"]["1"]["loss"])
+    assert_same_state(final_model(poisoned), final_model(dropped))
+    assert np.isfinite(read_json(poisoned, "metrics.json")["rounds"]["1"]["loss"])
 
 
 def test_a_node_the_superlink_lost_is_recorded_as_that_node(data_root, tmp_path) -> None:
     """The SuperLink's error reply comes from node id 1; participation names the lost node."""
-    _, folder = _run(
+    _, folder = run(
         data_root,
         tmp_path / "lost",
         tamper=_superlink_error_reply(2),
         strategy="fedavg",
         num_rounds=1,
     )
-    participation = _read(folder, "participation.json")["1"]
+    participation = read_json(folder, "participation.json")["1"]
     assert list(participation["failed"]) == ["2"]
     assert sorted(participation["replied"]) == [1, 3]
     assert participation["missing"] == []
@@ -247,30 +212,30 @@ def test_rejected_reply_stays_out_of_the_mosaic_teacher(data_root, tmp_path) -> 
     """NaN weights and huge finite weights, both rejected: if either reached FedAvg, the
     experts or the generator pool, the two runs would differ (or the model would be NaN)."""
     kwargs = {"strategy": "mosaic", "num_rounds": 2}
-    _, poisoned = _run(data_root, tmp_path / "nan", tamper=_nan_weights(2), **kwargs)
+    _, poisoned = run(data_root, tmp_path / "nan", tamper=_nan_weights(2), **kwargs)
     garbage_tamper = _huge_weights_and_bad_counts(2)
-    _, garbage = _run(data_root, tmp_path / "huge", tamper=garbage_tamper, **kwargs)
+    _, garbage = run(data_root, tmp_path / "huge", tamper=garbage_tamper, **kwargs)
 
-    assert _read(poisoned, "participation.json")["2"]["rejected"] == {"2": "weights-finite"}
-    assert _read(garbage, "participation.json")["2"]["rejected"] == {"2": "label-counts"}
-    final = _final_model(poisoned)
-    _assert_same_state(final, _final_model(garbage))
+    assert read_json(poisoned, "participation.json")["2"]["rejected"] == {"2": "weights-finite"}
+    assert read_json(garbage, "participation.json")["2"]["rejected"] == {"2": "label-counts"}
+    final = final_model(poisoned)
+    assert_same_state(final, final_model(garbage))
     assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
-    kd = _read(poisoned, "metrics.json")["rounds"]["2"]
+    kd = read_json(poisoned, "metrics.json")["rounds"]["2"]
     assert all(np.isfinite(kd[key]) for key in KD_FIGURES)
     # The rejected node's generator (partition 1) was never kept either.
     samples = sorted(p.name for p in (poisoned / "generator_samples").iterdir())
     assert samples == ["client-0.png", "client-2.png"]
-    assert sorted(_read(poisoned, "label_counts.json")) == ["client-0", "client-2"]
+    assert sorted(read_json(poisoned, "label_counts.json")) == ["client-0", "client-2"]
 
 
 def test_rejected_and_failed_replies_leave_the_same_mosaic_run(data_root, tmp_path) -> None:
     kwargs = {"strategy": "mosaic", "num_rounds": 2}
-    _, poisoned = _run(data_root, tmp_path / "nan", tamper=_nan_weights(2), **kwargs)
-    _, dropped = _run(data_root, tmp_path / "drop", tamper=_error_reply(2), **kwargs)
+    _, poisoned = run(data_root, tmp_path / "nan", tamper=_nan_weights(2), **kwargs)
+    _, dropped = run(data_root, tmp_path / "drop", tamper=error_reply(2), **kwargs)
 
-    assert _read(dropped, "participation.json")["2"]["failed"] == {"2": "dropped"}
-    _assert_same_state(_final_model(poisoned), _final_model(dropped))
+    assert read_json(dropped, "participation.json")["2"]["failed"] == {"2": "dropped"}
+    assert_same_state(final_model(poisoned), final_model(dropped))
 
 
 def test_client_exception_becomes_an_error_reply_and_the_run_goes_on(
@@ -284,15 +249,15 @@ def test_client_exception_becomes_an_error_reply_and_the_run_goes_on(
         return real_loader(name, root, partition_id, *args, **kwargs)
 
     monkeypatch.setattr(client_module, "load_client_partition", flaky_loader)
-    _, folder = _run(data_root, tmp_path, strategy="mosaic")
+    _, folder = run(data_root, tmp_path, strategy="mosaic")
 
-    participation = _read(folder, "participation.json")
+    participation = read_json(folder, "participation.json")
     for entry in participation.values():
         assert entry["failed"] == {"3": "OSError: disk on fire"}
         assert sorted(entry["replied"]) == [1, 2]
-    kd = _read(folder, "metrics.json")["rounds"]["2"]
+    kd = read_json(folder, "metrics.json")["rounds"]["2"]
     assert all(key in kd for key in KD_FIGURES)
-    assert sorted(_read(folder, "label_counts.json")) == ["client-0", "client-1"]
+    assert sorted(read_json(folder, "label_counts.json")) == ["client-0", "client-1"]
 
 
 def test_reply_with_an_extra_metric_is_rejected_and_the_run_goes_on(data_root, tmp_path) -> None:
@@ -301,17 +266,17 @@ def test_reply_with_an_extra_metric_is_rejected_and_the_run_goes_on(data_root, t
             reply.content["metrics"]["smuggled"] = 1.0
         return reply
 
-    _, folder = _run(data_root, tmp_path, tamper=extra_metric, strategy="fedavg", num_rounds=1)
-    assert 3 in [int(n) for n in _read(folder, "participation.json")["1"]["rejected"]]
+    _, folder = run(data_root, tmp_path, tamper=extra_metric, strategy="fedavg", num_rounds=1)
+    assert 3 in [int(n) for n in read_json(folder, "participation.json")["1"]["rejected"]]
 
 
 def test_round_with_every_reply_rejected_keeps_the_model(data_root, tmp_path) -> None:
     def poison_all(node_id: int, reply: Message) -> Message:
         return _nan_weights(node_id)(node_id, reply)
 
-    _, folder = _run(data_root, tmp_path, tamper=poison_all, strategy="fedavg", num_rounds=1)
+    _, folder = run(data_root, tmp_path, tamper=poison_all, strategy="fedavg", num_rounds=1)
 
-    rounds = _read(folder, "metrics.json")["rounds"]
+    rounds = read_json(folder, "metrics.json")["rounds"]
     assert rounds["1"]["rejected"] == NUM_NODES
     assert rounds["1"]["accuracy"] == rounds["0"]["accuracy"]
     assert rounds["1"]["loss"] == rounds["0"]["loss"]
@@ -322,15 +287,15 @@ def test_round_with_every_reply_rejected_keeps_the_model(data_root, tmp_path) ->
 
 @pytest.mark.parametrize("strategy", ["fedavg", "mosaic"])
 def test_seeded_runs_are_reproducible(data_root, tmp_path, strategy) -> None:
-    _, first = _run(data_root, tmp_path / "a", strategy=strategy, num_rounds=2)
-    _, second = _run(data_root, tmp_path / "b", strategy=strategy, num_rounds=2)
-    _assert_same_state(_final_model(first), _final_model(second))
+    _, first = run(data_root, tmp_path / "a", strategy=strategy, num_rounds=2)
+    _, second = run(data_root, tmp_path / "b", strategy=strategy, num_rounds=2)
+    assert_same_state(final_model(first), final_model(second))
 
 
 def test_another_seed_gives_another_model(data_root, tmp_path) -> None:
-    _, first = _run(data_root, tmp_path / "a", strategy="fedavg", num_rounds=1, seed=0)
-    _, second = _run(data_root, tmp_path / "b", strategy="fedavg", num_rounds=1, seed=1)
-    first_state, second_state = _final_model(first), _final_model(second)
+    _, first = run(data_root, tmp_path / "a", strategy="fedavg", num_rounds=1, seed=0)
+    _, second = run(data_root, tmp_path / "b", strategy="fedavg", num_rounds=1, seed=1)
+    first_state, second_state = final_model(first), final_model(second)
     assert any(not torch.equal(t, second_state[k]) for k, t in first_state.items())
 
 
@@ -340,7 +305,7 @@ def test_a_malformed_evaluate_reply_is_rejected_and_logged(data_root, tmp_path) 
             reply.content["metrics"]["accuracy"] = float("nan")
         return reply
 
-    _, folder = _run(
+    _, folder = run(
         data_root,
         tmp_path,
         tamper=nan_accuracy,
@@ -348,6 +313,6 @@ def test_a_malformed_evaluate_reply_is_rejected_and_logged(data_root, tmp_path) 
         num_rounds=1,
         fraction_evaluate=1.0,
     )
-    round_log = _read(folder, "participation.json")["1"]
+    round_log = read_json(folder, "participation.json")["1"]
     assert round_log["evaluate_rejected"] == {"3": "accuracy"}
     assert sorted(round_log["replied"]) == [1, 2, 3]  # its train reply was fine
