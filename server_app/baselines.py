@@ -33,7 +33,7 @@ from common.data import generator_to_classifier_input
 from common.models import Classifier
 from server_app.dense import train_dense
 from server_app.distill import DistillResult
-from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
+from server_app.moe import ProbabilityMixture, label_share_weights
 from server_app.strategy import MosaicStrategy
 
 
@@ -41,9 +41,6 @@ class _BaselineStrategy(MosaicStrategy):
     """Mosaic's schedule without prototypes; ``distilled = False`` also skips generators."""
 
     distilled = True
-
-    def _client_models(self, states: list[dict[str, Tensor]]) -> ExpertEnsemble:
-        return ExpertEnsemble(self.template, dict(enumerate(states))).to(self.device)
 
     def prototypes_expected(self, server_round: int) -> bool:
         return False
@@ -72,7 +69,7 @@ class EnsembleStrategy(_BaselineStrategy):
         self, states: list[dict[str, Tensor]], counts: np.ndarray
     ) -> tuple[nn.Module, dict[str, float]]:
         weights = torch.full(counts.shape, 1.0 / len(states))
-        teacher = ProbabilityMixture(self._client_models(states), weights)
+        teacher = ProbabilityMixture(self.client_models(states), weights)
         return teacher.to(self.device).eval(), {}
 
 
@@ -84,7 +81,7 @@ class LabelShareStrategy(_BaselineStrategy):
     def build_teacher(
         self, states: list[dict[str, Tensor]], counts: np.ndarray
     ) -> tuple[nn.Module, dict[str, float]]:
-        teacher = ProbabilityMixture(self._client_models(states), label_share_weights(counts))
+        teacher = ProbabilityMixture(self.client_models(states), label_share_weights(counts))
         return teacher.to(self.device).eval(), {}
 
 

@@ -383,8 +383,8 @@ class MosaicStrategy(CheckedFedAvg):
         ensemble = ExpertEnsemble(self.template, build_experts(states, counts)).to(self.device)
         prior = None
         if cfg.meta_prior == "label-share":
-            clients = ExpertEnsemble(self.template, dict(enumerate(states)))
-            prior = ProbabilityMixture(clients, label_share_weights(counts)).to(self.device)
+            weights = label_share_weights(counts)
+            prior = ProbabilityMixture(self.client_models(states), weights).to(self.device)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             meta = MetaModel(
@@ -425,6 +425,10 @@ class MosaicStrategy(CheckedFedAvg):
             figures["meta-val-accuracy"] = trained.val_accuracy
         self.meta_model = meta.eval()
         return MosaicTeacher(ensemble, meta, prior).to(self.device).eval(), figures
+
+    def client_models(self, states: list[dict[str, torch.Tensor]]) -> ExpertEnsemble:
+        """The client models themselves, side by side (for the label-share and plain mixtures)."""
+        return ExpertEnsemble(self.template, dict(enumerate(states))).to(self.device)
 
     def distill_round(
         self, student: Classifier, states: list[dict[str, torch.Tensor]], counts: np.ndarray
