@@ -424,6 +424,9 @@ class MosaicStrategy(CheckedFedAvg):
             meta = trained.model
             figures["meta-val-accuracy"] = trained.val_accuracy
         self.meta_model = meta.eval()
+        if prior is not None and not figures:  # figures hold the meta model's, once trained
+            # An untrained meta model is its prior: skip running the experts on every KD step.
+            return prior.eval(), figures
         return MosaicTeacher(ensemble, meta, prior).to(self.device).eval(), figures
 
     def client_models(self, states: list[dict[str, torch.Tensor]]) -> ExpertEnsemble:
