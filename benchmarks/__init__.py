@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.targets import render_targets
 from common.config import pyproject_defaults
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -262,8 +263,14 @@ def run_suite(
     force: bool = False,
     runner: Runner | None = None,
     progress: Callable[[str], None] = print,
+    table_cells: Sequence[Cell] = (),
 ) -> list[dict[str, Any]]:
-    """Run (or reuse) every cell of ``suite``; write records, the table and the chart."""
+    """Run (or reuse) every cell of ``suite``; write records, the table and the charts.
+
+    The table and charts also hold the records already made for ``table_cells`` (the whole
+    suite when ``suite`` is a ``--cells`` selection of it), so a suite filled in piece by piece
+    always shows everything measured under its current config. Returns ``suite``'s records.
+    """
     if runner is None:
         from server_app.inprocess import run_inprocess
 
@@ -293,10 +300,30 @@ def run_suite(
             f" ({record['wall_seconds']} s, accuracy {method_accuracy(record)})"
         )
         records.append(record)
-    write_table(records, out / "results.md", suite.name)
-    write_bar_chart(records, out / "accuracy.png")
-    write_round_plot(records, out / "accuracy_per_round.png")
+    ran = {record["key"]: record for record in records}
+    table = [
+        ran.get(cell.key) or _current_record(cell, cells_dir, base, suite.sizes, runs_dir)
+        for cell in dict.fromkeys([*table_cells, *suite.cells])
+    ]
+    table = [record for record in table if record is not None]
+    write_table(table, out / "results.md", suite.name)
+    write_bar_chart(table, out / "accuracy.png")
+    write_round_plot(table, out / "accuracy_per_round.png")
     return records
+
+
+def _current_record(
+    cell: Cell, cells_dir: Path, base: Mapping[str, Any], sizes: Mapping[str, Any], runs_dir: Path
+) -> dict[str, Any] | None:
+    """The recorded ``ok`` record of ``cell`` if it was made under the cell's current config."""
+    path = cells_dir / f"{cell.key}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    config = cell_run_config(cell, base, sizes, runs_dir)
+    if record.get("status") != "ok" or _changed_keys(record.get("config", {}), config):
+        return None
+    return record
 
 
 def _mean_std(values: Sequence[float | None]) -> str:
@@ -326,6 +353,8 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
         "judged by their teacher accuracy at the kd-round. Wall time is the whole run; uplink "
         "is the mean total bytes a client sent over the run."
     )
+    if suite_name:
+        lines += ["", render_targets(records, suite_name, method_accuracy).rstrip()]
     for setting, methods in _by_setting(records).items():
         lines += ["", f"## {setting}", ""]
         lines.append(
@@ -461,7 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite = select_cells(SUITES[args.suite], args.cells)
     if not suite.cells:
         parser.error(f"--cells {args.cells!r} matches no cell of suite {args.suite!r}")
-    records = run_suite(suite, out, base=base, force=args.force)
+    records = run_suite(
+        suite, out, base=base, force=args.force, table_cells=SUITES[args.suite].cells
+    )
     crashed = [r["key"] for r in records if r.get("status") != "ok"]
     print(
         f"table: {out / 'results.md'}  charts: {out / 'accuracy.png'},"

@@ -89,15 +89,38 @@ def test_recorded_cells_are_reused_unless_forced(suite_run, base) -> None:
     assert forced.calls == [CELLS[0].key]
 
 
+def test_a_selection_tables_every_recorded_cell_of_its_suite(suite_run, base) -> None:
+    out, _, _ = suite_run
+    runner = CountingRunner()
+    records = run_suite(
+        Suite("test", CELLS[:1], SIZES),
+        out,
+        base=base,
+        runner=runner,
+        progress=lambda _: None,
+        table_cells=CELLS,
+    )
+    assert runner.calls == [] and [r["key"] for r in records] == [CELLS[0].key]
+    table = (out / "results.md").read_text()
+    assert "| fedavg | 1 |" in table and "| label-share | 1 |" in table
+
+
 def test_a_record_made_under_another_config_is_run_again(suite_run, base) -> None:
     out, _, _ = suite_run
     messages: list[str] = []
     runner = CountingRunner()
     changed = {**base, "kd-lr": base["kd-lr"] * 2}  # e.g. a default changed since
     run_suite(
-        Suite("test", CELLS[:1], SIZES), out, base=changed, runner=runner, progress=messages.append
+        Suite("test", CELLS[:1], SIZES),
+        out,
+        base=changed,
+        runner=runner,
+        progress=messages.append,
+        table_cells=CELLS,
     )
     assert runner.calls == [CELLS[0].key]
+    # the other cell's record was made under the old config: it stays out of the table
+    assert "| label-share |" not in (out / "results.md").read_text()
     assert any("stale (kd-lr)" in line for line in messages)
 
 
