@@ -124,35 +124,40 @@ def one_shot_verdicts(
         else:
             verdicts.append(Verdict(name, "-", "not run"))
 
-        name = f"{where}: Mosaic's teacher reaches the label-share ensemble"
-        pair = _paired(mosaic, label_share, teacher, teacher)
-        if pair:
-            seeds, ours, reference = pair
-            verdicts.append(
-                Verdict(
-                    name,
-                    f"{ours:.2f} vs {reference:.2f} ({_seeds(seeds)})",
-                    _met(ours >= reference - 1e-6),
-                )
+        verdicts.append(
+            _versus_label_share(
+                f"{where}: Mosaic's teacher reaches the label-share ensemble",
+                _paired(mosaic, label_share, teacher, teacher),
+                holds=lambda ours, reference: ours >= reference - 1e-6,
             )
-        else:
-            verdicts.append(Verdict(name, "-", "not run"))
-
-        name = f"{where}: Mosaic's student within {STUDENT_GAP_POINTS:.0f} points of label-share"
-        pair = _paired(mosaic, label_share, final, teacher)
-        if pair:
-            seeds, ours, reference = pair
-            gap = reference - ours
-            verdicts.append(
-                Verdict(
-                    name,
-                    f"{ours:.2f} vs {reference:.2f}: {gap:+.2f} below ({_seeds(seeds)})",
-                    _met(gap <= STUDENT_GAP_POINTS),
-                )
+        )
+        verdicts.append(
+            _versus_label_share(
+                f"{where}: Mosaic's student within {STUDENT_GAP_POINTS:.0f} points of label-share",
+                _paired(mosaic, label_share, final, teacher),
+                holds=lambda ours, reference: reference - ours <= STUDENT_GAP_POINTS,
+                show_gap=True,
             )
-        else:
-            verdicts.append(Verdict(name, "-", "not run"))
+        )
     return verdicts
+
+
+def _versus_label_share(
+    name: str,
+    pair: tuple[list[int], float, float] | None,
+    holds: Callable[[float, float], bool],
+    show_gap: bool = False,
+) -> Verdict:
+    """A Mosaic figure against the label-share ensemble's, from :func:`_paired`."""
+    if pair is None:
+        return Verdict(name, "-", "not run")
+    seeds, ours, reference = pair
+    gap = f": {reference - ours:+.2f} below" if show_gap else ""
+    return Verdict(
+        name,
+        f"{ours:.2f} vs {reference:.2f}{gap} ({_seeds(seeds)})",
+        _met(holds(ours, reference)),
+    )
 
 
 def multi_round_verdict(records: Sequence[Record]) -> Verdict:
