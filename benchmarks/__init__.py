@@ -387,11 +387,14 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
                 )
                 + " |"
             )
-        label_counts = next(
-            (r["label_counts"] for g in methods.values() for r in g if r.get("label_counts")), None
-        )
-        if label_counts:
-            lines += ["", "Per-client label counts (first seed recorded):", ""]
+        # One split per seed (every method of a seed shares it): its counts, once per seed.
+        per_seed: dict[int, dict[str, list[int]]] = {}
+        for group in methods.values():
+            for r in group:
+                if r.get("label_counts"):
+                    per_seed.setdefault(r["cell"]["seed"], r["label_counts"])
+        for seed, label_counts in sorted(per_seed.items()):
+            lines += ["", f"Per-client label counts, seed {seed}:", ""]
             lines += [f"- {client}: {counts}" for client, counts in label_counts.items()]
     return "\n".join(lines) + "\n"
 

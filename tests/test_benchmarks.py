@@ -148,7 +148,7 @@ def test_table_has_mean_and_std_over_seeds() -> None:
             "teacher_accuracy": accuracy + 0.1,
             "wall_seconds": 1.0,
             "bytes_per_client": {"uplink": 2**20},
-            "label_counts": {"client-0": [1, 2]},
+            "label_counts": {"client-0": [1, 2 + seed]},  # one split per seed
         }
 
     table = render_table(
@@ -157,7 +157,7 @@ def test_table_has_mean_and_std_over_seeds() -> None:
     assert "## one-shot mnist alpha=0.1 clients=5" in table
     assert "| fedavg | 2 | 60.00 ± 14.14 |" in table
     assert "| label-share | 1 | 60.00 |" in table  # judged by its teacher
-    assert "client-0: [1, 2]" in table
+    assert "seed 0:\n\n- client-0: [1, 2]" in table and "seed 1:\n\n- client-0: [1, 3]" in table
 
 
 def test_a_glob_selects_part_of_a_suite_with_its_sizes() -> None:
