@@ -172,3 +172,24 @@ def test_a_glob_selects_part_of_a_suite_with_its_sizes() -> None:
     assert {c.dataset for c in part.cells} == {"fashion-mnist", "mnist"}
     assert len(part.cells) == 2 * len({c.strategy for c in full.cells})
     assert select_cells(full, "no-such-cell").cells == []
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="per-cell peak needs Linux /proc"
+)
+def test_peak_memory_is_each_cells_own(base, tmp_path) -> None:
+    def hungry_first(config, num_nodes):
+        if config["strategy"] == "fedavg":
+            ballast = bytearray(400 * 2**20)  # touched: 400 MiB resident
+            ballast[::4096] = b"x" * len(ballast[::4096])
+            del ballast
+        return run_inprocess(config, num_nodes)
+
+    first, second = run_suite(
+        Suite("test", CELLS, SIZES),
+        tmp_path,
+        base=base,
+        runner=hungry_first,
+        progress=lambda _: None,
+    )
+    assert first["peak_rss_mb"] > second["peak_rss_mb"] + 300
