@@ -430,7 +430,8 @@ def write_bar_chart(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     table = _by_setting(records)
-    strategies = list(dict.fromkeys(s for methods in table.values() for s in methods))
+    present = {s for methods in table.values() for s in methods}
+    strategies = [s for s in ALL_STRATEGIES if s in present] + sorted(present - {*ALL_STRATEGIES})
     fig, ax = plt.subplots(figsize=(max(6, 2 + 1.5 * len(table) * len(strategies) / 3), 4))
     width = 0.8 / max(len(strategies), 1)
     for offset, strategy in enumerate(strategies):
@@ -446,7 +447,7 @@ def write_bar_chart(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set_xticklabels([s.replace(" alpha", "\nalpha") for s in table], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -455,28 +456,28 @@ def write_bar_chart(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def write_round_plot(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Test accuracy of the global model per round, one panel per setting, one line per
-    method (mean over seeds; round 0 is the initial model)."""
+    """Test accuracy of the global model per round, one panel per multi-round setting, one
+    line per method (mean over seeds; round 0 is the initial model). One-shot settings (a
+    single round) have no curve to show; with no other setting they get panels all the same."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = _by_setting(records)
+    curves_by_setting = {
+        setting: {strategy: _mean_curve(group) for strategy, group in methods.items()}
+        for setting, methods in _by_setting(records).items()
+    }
+    multi = {s: c for s, c in curves_by_setting.items() if any(len(v) > 2 for v in c.values())}
+    panels = multi or curves_by_setting
     fig, axes = plt.subplots(
-        1, max(len(table), 1), figsize=(5 * max(len(table), 1), 3.5), squeeze=False
+        1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.5), squeeze=False
     )
-    for ax, (setting, methods) in zip(axes[0], table.items(), strict=False):
-        for strategy, cell_records in methods.items():
-            curves = [
-                {int(r): a for r, a in record["accuracy_per_round"].items() if a is not None}
-                for record in cell_records
-                if record.get("status") == "ok"
-            ]
-            rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-            if rounds:
-                mean = [100 * float(np.mean([c[r] for c in curves])) for r in rounds]
-                ax.plot(rounds, mean, marker="o", markersize=3, label=strategy)
+    for ax, (setting, curves) in zip(axes[0], panels.items(), strict=False):
+        for strategy in [*ALL_STRATEGIES, *sorted(set(curves) - {*ALL_STRATEGIES})]:
+            if curves.get(strategy):
+                rounds, accuracy = zip(*sorted(curves[strategy].items()), strict=True)
+                ax.plot(rounds, accuracy, marker="o", markersize=3, label=strategy)
         ax.set_title(setting, fontsize=8)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (%)")
@@ -486,6 +487,19 @@ def write_round_plot(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _mean_curve(cell_records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Accuracy (%) per round, mean over the ``ok`` records, on the rounds they all have."""
+    curves = [
+        {int(r): a for r, a in record["accuracy_per_round"].items() if a is not None}
+        for record in cell_records
+        if record.get("status") == "ok"
+    ]
+    if not curves:
+        return {}
+    rounds = sorted(set.intersection(*(set(c) for c in curves)))
+    return {r: 100 * float(np.mean([c[r] for c in curves])) for r in rounds}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
