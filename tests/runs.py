@@ -11,7 +11,12 @@ import torch
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
+from common.config import RunConfig
+from common.data import dataset_info
+from common.models import build_classifier
+from server_app.app import STRATEGIES
 from server_app.inprocess import InProcessGrid, run_inprocess
+from server_app.strategy import CheckedFedAvg, MosaicStrategy
 from tests.fakedata import tiny_run_config
 
 NUM_NODES = 3
@@ -25,6 +30,18 @@ def run(
     config = tiny_run_config(data_root, results, **overrides)
     grid = run_inprocess(config, NUM_NODES, tamper=tamper)
     return grid, results / config["run-name"]
+
+
+def build_strategy(cfg: RunConfig) -> CheckedFedAvg:
+    """The strategy ``cfg`` names, built on CPU without a test set (its evaluations are empty)."""
+    info = dataset_info(cfg.dataset)
+    template = build_classifier(cfg.model, num_classes=info.num_classes, in_shape=info.image_shape)
+    strategy_class = STRATEGIES[cfg.strategy]
+    if issubclass(strategy_class, MosaicStrategy):
+        return strategy_class(
+            cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
+        )
+    return strategy_class(cfg, template, info)
 
 
 def read_json(folder: Path, name: str) -> Any:

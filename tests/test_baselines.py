@@ -17,7 +17,7 @@ from server_app.app import STRATEGIES, phase_seconds
 from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
 from server_app.strategy import RoundLog
 from tests.fakedata import write_fake_fashion_mnist
-from tests.runs import read_json, run
+from tests.runs import build_strategy, read_json, run
 
 
 class FixedLogits(nn.Module):
@@ -38,6 +38,17 @@ def data_root(tmp_path_factory) -> Path:
 
 def test_every_strategy_name_has_a_class() -> None:
     assert set(STRATEGIES) == set(typing.get_args(Strategy))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_gives_clients_the_same_lr_schedule(name: str) -> None:
+    """Baselines do Mosaic's local work: ``lr`` up to the kd-round, ``finetune-lr`` after."""
+    cfg = parse_run_config(
+        {**pyproject_defaults(), "strategy": name, "lr": 0.02, "finetune-lr": 0.005}
+    )
+    strategy = build_strategy(cfg)
+    lrs = [strategy.round_config(r)["lr"] for r in range(1, cfg.num_rounds + 1)]
+    assert lrs == [0.02] * cfg.kd_round + [0.005] * (cfg.num_rounds - cfg.kd_round)
 
 
 def test_label_share_weights_are_each_clients_share_of_a_class() -> None:

@@ -23,7 +23,6 @@ from common.models import GeneratorSpec, build_classifier, build_generator, clas
 from common.records import state_to_record
 from server_app.app import STRATEGIES
 from server_app.inprocess import run_inprocess
-from server_app.strategy import MosaicStrategy
 from server_app.traffic import (
     DOWNLINK,
     TOTAL,
@@ -36,6 +35,7 @@ from server_app.traffic import (
     record_bytes,
 )
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
+from tests.runs import build_strategy
 
 DEFAULTS = pyproject_defaults(Path(__file__).resolve().parent.parent / "pyproject.toml")
 
@@ -168,15 +168,7 @@ def test_each_strategy_asks_clients_for_what_the_payload_check_sizes(name: str) 
     """The pre-run check sizes uploads from common/config.py's sets: they must match what each
     strategy's round configs actually ask clients for."""
     cfg = _cfg(strategy=name)
-    info = dataset_info(cfg.dataset)
-    template = build_classifier(cfg.model, num_classes=info.num_classes, in_shape=info.image_shape)
-    strategy_class = STRATEGIES[name]
-    if issubclass(strategy_class, MosaicStrategy):
-        strategy = strategy_class(
-            cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
-        )
-    else:
-        strategy = strategy_class(cfg, template, info)
+    strategy = build_strategy(cfg)
     configs = [strategy.round_config(r) for r in range(1, cfg.num_rounds + 1)]
     asks_generator = any(c.get("train-generator", False) for c in configs)
     asks_prototypes = any(c.get("send-prototypes", False) for c in configs)
