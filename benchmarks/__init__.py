@@ -300,14 +300,13 @@ def run_suite(
     for index, cell in enumerate(suite.cells, start=1):
         path = cells_dir / f"{cell.key}.json"
         config = cell_run_config(cell, base, suite.sizes, runs_dir)
-        if path.exists() and not force:
-            record = json.loads(path.read_text())
-            changed = _changed_keys(record.get("config", {}), config)
-            if record.get("status") == "ok" and not changed:
+        if not force:
+            record, changed = _recorded(path, config)
+            if record is not None and not changed:
                 progress(f"[{index}/{len(suite.cells)}] {cell.key}: reused")
                 records.append(record)
                 continue
-            if record.get("status") == "ok":
+            if record is not None:
                 progress(f"[{index}/{len(suite.cells)}] {cell.key}: stale ({', '.join(changed)})")
         progress(f"[{index}/{len(suite.cells)}] {cell.key}: running")
         record = run_cell(cell, config, runs_dir, runner)
@@ -319,29 +318,29 @@ def run_suite(
         )
         records.append(record)
     ran = {record["key"]: record for record in records}
-    table = [
-        ran.get(cell.key) or _current_record(cell, cells_dir, base, suite.sizes, runs_dir)
-        for cell in dict.fromkeys([*table_cells, *suite.cells])
-    ]
-    table = [record for record in table if record is not None]
+    table = []
+    for cell in dict.fromkeys([*table_cells, *suite.cells]):  # the suite's order
+        record, changed = ran.get(cell.key), []
+        if record is None:
+            config = cell_run_config(cell, base, suite.sizes, runs_dir)
+            record, changed = _recorded(cells_dir / f"{cell.key}.json", config)
+        if record is not None and not changed:
+            table.append(record)
     write_table(table, out / "results.md", suite.name)
     write_bar_chart(table, out / "accuracy.png")
     write_round_plot(table, out / "accuracy_per_round.png")
     return records
 
 
-def _current_record(
-    cell: Cell, cells_dir: Path, base: Mapping[str, Any], sizes: Mapping[str, Any], runs_dir: Path
-) -> dict[str, Any] | None:
-    """The recorded ``ok`` record of ``cell`` if it was made under the cell's current config."""
-    path = cells_dir / f"{cell.key}.json"
+def _recorded(path: Path, config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """A cell's recorded ``ok`` record (None if there is none) and the run-config keys that
+    changed since it was made: reused only when none did."""
     if not path.exists():
-        return None
+        return None, []
     record = json.loads(path.read_text())
-    config = cell_run_config(cell, base, sizes, runs_dir)
-    if record.get("status") != "ok" or _changed_keys(record.get("config", {}), config):
-        return None
-    return record
+    if record.get("status") != "ok":
+        return None, []
+    return record, _changed_keys(record.get("config", {}), config)
 
 
 def _mean_std(values: Sequence[float | None]) -> str:

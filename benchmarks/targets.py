@@ -102,16 +102,12 @@ def one_shot_verdicts(
             verdicts.append(Verdict(name, "-", "not run"))
 
         name = f"{where}: Mosaic above every other row"
-        others = {
-            r["cell"]["strategy"]
-            for r in records
-            if r.get("status") == "ok"
-            and r["cell"]["strategy"] != "mosaic"
-            and all(r["cell"][k] == v for k, v in setting.items())
-        }
+        strategies = sorted({r["cell"]["strategy"] for r in records} - {"mosaic"})
+        rivals = {s: _ok(records, strategy=s, **setting) for s in strategies}
+        others = {s: runs for s, runs in rivals.items() if runs}
         above, tied = [], []
-        for other in sorted(others):
-            pair = _paired(mosaic, _ok(records, strategy=other, **setting), final, method_accuracy)
+        for other, runs in others.items():
+            pair = _paired(mosaic, runs, final, method_accuracy)
             if pair and pair[2] > pair[1] + 1e-6:
                 above.append(f"{other} {pair[2]:.2f} > {pair[1]:.2f}")
             elif pair and pair[2] >= pair[1] - 1e-6:
