@@ -6,8 +6,10 @@ server loop with in-process ClientApps, no Ray), and its record is written to
 ``<out>/cells/<key>.json``. A cell whose record says ``ok`` and holds the cell's current run
 config is reused unless ``force`` (a changed default makes it stale, and it runs again); a cell
 that raised is recorded as ``crashed`` with the error (and run again next time), never dropped.
-From the records, :func:`write_table` writes ``results.md`` (mean +- std over seeds per method
-and setting) and :func:`write_bar_chart` ``accuracy.png``.
+Cells that send the clients the same message share the clients' replies through a
+:class:`~benchmarks.reply_cache.ReplyCache` (``<out>/client-replies``; ``--no-reply-cache``
+turns it off). From the records, :func:`write_table` writes ``results.md`` (mean +- std over
+seeds per method and setting) and :func:`write_bar_chart` ``accuracy.png``.
 
 Run it with ``python -m benchmarks --suite quick``.
 """
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.reply_cache import ReplyCache
 from benchmarks.targets import render_targets
 from common.config import pyproject_defaults
 
@@ -209,12 +212,34 @@ def _peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def inprocess_runner(reply_cache: ReplyCache | None = None) -> Runner:
+    """``run_inprocess`` with the project's ClientApp, answering from ``reply_cache`` if given."""
+    from client_app.app import app
+    from server_app.inprocess import run_inprocess
+
+    client_app = reply_cache.wrap(app) if reply_cache is not None else app
+
+    def runner(config: Mapping[str, Any], num_nodes: int) -> Any:
+        return run_inprocess(config, num_nodes, client_app=client_app)
+
+    return runner
+
+
 def run_cell(
-    cell: Cell, config: Mapping[str, Any], runs_dir: Path, runner: Runner
+    cell: Cell,
+    config: Mapping[str, Any],
+    runs_dir: Path,
+    runner: Runner,
+    reply_cache: ReplyCache | None = None,
 ) -> dict[str, Any]:
-    """Run one cell and return its record; an exception becomes a ``crashed`` record."""
+    """Run one cell and return its record; an exception becomes a ``crashed`` record.
+
+    With ``reply_cache``, the record counts the client replies the cell reused and computed:
+    its wall time holds only the client work it did itself."""
     record: dict[str, Any] = {"cell": asdict(cell), "key": cell.key, "config": dict(config)}
     _reset_peak_rss()
+    if reply_cache is not None:
+        before = (reply_cache.reused, reply_cache.computed)
     started = time.perf_counter()
     try:
         runner(config, cell.num_clients)
@@ -247,6 +272,11 @@ def run_cell(
             json.loads(label_counts_path.read_text()) if label_counts_path.exists() else {}
         ),
     )
+    if reply_cache is not None:
+        record["client_replies"] = {
+            "reused": reply_cache.reused - before[0],
+            "computed": reply_cache.computed - before[1],
+        }
     return record
 
 
@@ -282,6 +312,7 @@ def run_suite(
     runner: Runner | None = None,
     progress: Callable[[str], None] = print,
     table_cells: Sequence[Cell] = (),
+    reply_cache: ReplyCache | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every cell of ``suite``; write records, the table and the charts.
 
@@ -290,9 +321,7 @@ def run_suite(
     always shows everything measured under its current config. Returns ``suite``'s records.
     """
     if runner is None:
-        from server_app.inprocess import run_inprocess
-
-        runner = run_inprocess
+        runner = inprocess_runner(reply_cache)
     base = dict(base if base is not None else pyproject_defaults(PYPROJECT))
     cells_dir, runs_dir = out / "cells", out / "runs"
     cells_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +338,7 @@ def run_suite(
             if record is not None:
                 progress(f"[{index}/{len(suite.cells)}] {cell.key}: stale ({', '.join(changed)})")
         progress(f"[{index}/{len(suite.cells)}] {cell.key}: running")
-        record = run_cell(cell, config, runs_dir, runner)
+        record = run_cell(cell, config, runs_dir, runner, reply_cache)
         _write_json(path, record)
         record = json.loads(path.read_text())  # as a later reuse will read it
         progress(
@@ -353,6 +382,15 @@ def _mean_std(values: Sequence[float | None]) -> str:
     return f"{mean:.2f} ± {100 * float(np.std(present, ddof=1)):.2f}"
 
 
+def _replies_reused(records: Sequence[Mapping[str, Any]]) -> str:
+    """``reused/all`` client replies over ``records``; ``-`` where none counted them."""
+    counted = [r["client_replies"] for r in records if "client_replies" in r]
+    if not counted:
+        return "-"
+    reused = sum(c["reused"] for c in counted)
+    return f"{reused}/{reused + sum(c['computed'] for c in counted)}"
+
+
 def _by_setting(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list]]:
     table: dict[str, dict[str, list]] = {}
     for record in records:
@@ -367,8 +405,10 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
     lines.append(
         "Accuracy in % on the test set, mean ± std over seeds. *Method* is the global model's "
         "final accuracy, except for the teachers that are not distilled (ensemble, label-share), "
-        "judged by their teacher accuracy at the kd-round. Wall time is the whole run; uplink "
-        "is the mean total bytes a client sent over the run."
+        "judged by their teacher accuracy at the kd-round. Wall time is the whole run, less the "
+        "client work a cell reused from another (*replies reused*: client replies taken from "
+        "the reply cache, of all the cells' replies; a reused reply is the one the client "
+        "would send again). Uplink is the mean total bytes a client sent over the run."
     )
     if suite_name:
         lines += ["", render_targets(records, suite_name, method_accuracy).rstrip()]
@@ -376,9 +416,9 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
         lines += ["", f"## {setting}", ""]
         lines.append(
             "| method | seeds | method acc | global model | teacher | pre-KD | post-KD "
-            "| wall s | uplink MB/client | crashed |"
+            "| wall s | replies reused | uplink MB/client | crashed |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for strategy, group in methods.items():
             ok = [r for r in group if r.get("status") == "ok"]
             crashed = [r for r in group if r.get("status") != "ok"]
@@ -397,6 +437,7 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
                         _mean_std([r.get("pre_kd_accuracy") for r in ok]),
                         _mean_std([r.get("post_kd_accuracy") for r in ok]),
                         f"{np.mean(walls):.0f}" if walls else "-",
+                        _replies_reused(ok),
                         f"{np.mean(uplink_mb):.2f}" if uplink_mb else "-",
                         "; ".join(f"seed {r['cell']['seed']}: {r['error']}" for r in crashed)
                         or "0",
@@ -509,7 +550,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--force", action="store_true", help="rerun cells already recorded")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun cells already recorded, every client reply computed afresh",
+    )
+    parser.add_argument(
+        "--no-reply-cache",
+        action="store_true",
+        help="every cell trains its own clients (by default cells that send the clients the"
+        " same message reuse their replies, kept under OUT/SUITE/client-replies)",
+    )
     parser.add_argument(
         "--cells",
         metavar="GLOB",
@@ -524,8 +575,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite = select_cells(SUITES[args.suite], args.cells)
     if not suite.cells:
         parser.error(f"--cells {args.cells!r} matches no cell of suite {args.suite!r}")
+    reply_cache = None
+    if not args.no_reply_cache:
+        reply_cache = ReplyCache(out / "client-replies", read=not args.force)
     records = run_suite(
-        suite, out, base=base, force=args.force, table_cells=SUITES[args.suite].cells
+        suite,
+        out,
+        base=base,
+        force=args.force,
+        table_cells=SUITES[args.suite].cells,
+        reply_cache=reply_cache,
     )
     crashed = [r["key"] for r in records if r.get("status") != "ok"]
     print(

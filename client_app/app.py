@@ -99,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(round_config["lr"]),
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
-        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        proximal_mu=cfg.client_proximal_mu,
         device=device,
         seed=seed,
     )

@@ -32,6 +32,46 @@ MOSAIC_SCHEDULE: frozenset[str] = frozenset(
 # exactly this (tests/test_traffic.py checks) and the pre-run payload check sizes by it.
 UPLOADS_GENERATOR: frozenset[str] = frozenset({"mosaic", "feddf", "mosaic-no-meta"})
 UPLOADS_PROTOTYPES: frozenset[str] = frozenset({"mosaic"})
+# Run-config keys only the server reads: clients get what they need of the schedule (round,
+# lr, whether to send prototypes or a generator) in each message, and ``strategy`` reaches them
+# only through ``RunConfig.client_proximal_mu``. Two clients whose run configs differ only here
+# train the same model; the benchmarks' reply cache relies on it (tests/test_reply_cache.py).
+SERVER_ONLY_KEYS: frozenset[str] = frozenset(
+    {
+        "strategy",
+        "results-dir",
+        "run-name",
+        "resume",
+        "num-rounds",
+        "min-nodes",
+        "fraction-train",
+        "fraction-evaluate",
+        "round-timeout",
+        "min-replies",
+        "lr",
+        "finetune-lr",
+        "kd-round",
+        "proto-start-round",
+        "proto-bank-rounds",
+        "generator-round",
+        "meta-epochs",
+        "meta-lr",
+        "meta-batch-size",
+        "meta-val-fraction",
+        "meta-patience",
+        "meta-ema",
+        "meta-prior",
+        "kd-steps",
+        "kd-batch-per-generator",
+        "kd-lr",
+        "kd-alpha",
+        "kd-beta",
+        "kd-temperature",
+        "kd-generator-weighting",
+        "dense-lambda-bn",
+        "dense-lambda-adv",
+    }
+)
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
 # What the meta model starts from (and reads as one more gate token): the label-share mixture
@@ -200,6 +240,11 @@ class RunConfig(BaseModel):
         space the other heads do not share (in one-shot runs this lowered the teacher from
         87.9% to 74.1%). So a one-shot run has no prototypes and the meta model its prior."""
         return range(max(2, self.proto_start_round), self.kd_round + 1)
+
+    @property
+    def client_proximal_mu(self) -> float:
+        """The proximal term of the clients' local loss: ``proximal-mu`` under FedProx only."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
 
     def local_steps_for(self, num_samples: int) -> int:
         """SGD steps of one round for a client holding ``num_samples``: ``local-steps``, or

@@ -38,7 +38,7 @@ class InProcessGrid(Grid):
 
     def __init__(
         self,
-        client_app: ClientApp,
+        client_app: ClientApp | Callable[[Message, Context], Message],
         num_nodes: int,
         run_config: Mapping[str, Any],
         *,
@@ -127,10 +127,14 @@ def run_inprocess(
     num_nodes: int,
     *,
     tamper: Callable[[int, Message], Message] | None = None,
+    client_app: Callable[[Message, Context], Message] | None = None,
 ) -> InProcessGrid:
-    """Run the ServerApp's main loop against ``num_nodes`` in-process ClientApps."""
-    from client_app.app import app as client_app
+    """Run the ServerApp's main loop against ``num_nodes`` in-process ClientApps (the
+    project's own, or ``client_app``: e.g. the benchmarks' reply cache wrapped around it)."""
     from server_app.app import main
+
+    if client_app is None:
+        from client_app.app import app as client_app
 
     grid = InProcessGrid(client_app, num_nodes, run_config, tamper=tamper)
     context = Context(

@@ -1,0 +1,176 @@
+"""The benchmarks' reply cache: a reply is shared only where the client would send it again."""
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from benchmarks import Cell, Suite, run_suite
+from benchmarks.reply_cache import ReplyCache, client_code_digest, reply_key
+from client_app.app import app
+from common.config import SERVER_ONLY_KEYS, parse_run_config
+from common.data import dataset_info
+from common.models import build_classifier
+from common.records import ARRAYS, state_to_record
+from tests.fakedata import TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
+
+# A valid value other than the tiny config's for every server-only key (strategy: a method
+# whose clients do the same work as Mosaic's).
+OTHER_SERVER_VALUES = {
+    "strategy": "feddf",
+    "results-dir": "/elsewhere",
+    "run-name": "another-run",
+    "resume": True,
+    "num-rounds": 9,
+    "min-nodes": 5,
+    "fraction-train": 0.5,
+    "fraction-evaluate": 0.3,
+    "round-timeout": 30.0,
+    "min-replies": 2,
+    "lr": 0.05,
+    "finetune-lr": 0.001,
+    "kd-round": 4,
+    "proto-start-round": 3,
+    "proto-bank-rounds": 4,
+    "generator-round": 4,
+    "meta-epochs": 7,
+    "meta-lr": 0.01,
+    "meta-batch-size": 32,
+    "meta-val-fraction": 0.1,
+    "meta-patience": 3,
+    "meta-ema": 0.9,
+    "meta-prior": "experts",
+    "kd-steps": 11,
+    "kd-batch-per-generator": 7,
+    "kd-lr": 0.01,
+    "kd-alpha": 0.5,
+    "kd-beta": 0.3,
+    "kd-temperature": 2.0,
+    "kd-generator-weighting": "size",
+    "dense-lambda-bn": 0.5,
+    "dense-lambda-adv": 0.5,
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def run_config(data_root, tmp_path_factory) -> dict:
+    return tiny_run_config(data_root, tmp_path_factory.mktemp("results"), strategy="mosaic")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+
+
+def _context(run_config: dict) -> Context:
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
+
+
+def _message(run_config: dict) -> Message:
+    """Round 1 of a run that asks for everything a client can send."""
+    cfg = parse_run_config(run_config)
+    info = dataset_info(cfg.dataset)
+    model = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    )
+    config = {"server-round": 1, "lr": 0.01, "send-prototypes": True, "train-generator": True}
+    content = RecordDict(
+        {ARRAYS: state_to_record(model.state_dict()), "config": ConfigRecord(config)}
+    )
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def _reply_bytes(run_config: dict, message: Message) -> bytes:
+    reply = app(message, _context(run_config))
+    assert not reply.has_error(), reply.error
+    return recorddict_to_proto(reply.content).SerializeToString(deterministic=True)
+
+
+def test_every_server_only_key_has_a_test_value() -> None:
+    assert set(OTHER_SERVER_VALUES) == SERVER_ONLY_KEYS
+
+
+def test_the_client_ignores_every_server_only_key(run_config) -> None:
+    other = {**run_config, **OTHER_SERVER_VALUES}
+    parse_run_config(other)  # a valid config, not one the client rejects
+    message = _message(run_config)
+    assert _reply_bytes(run_config, message) == _reply_bytes(other, message)
+    code = client_code_digest()
+    assert reply_key(message, _context(run_config), code) == reply_key(
+        message, _context(other), code
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"seed": 1}, {"local-steps": 4}, {"strategy": "fedprox", "proximal-mu": 0.5}],
+    ids=["seed", "local-steps", "fedprox"],
+)
+def test_a_key_the_client_reads_changes_the_reply_and_its_key(run_config, change) -> None:
+    other = {**run_config, **change}
+    message = _message(run_config)
+    assert _reply_bytes(run_config, message) != _reply_bytes(other, message)
+    code = client_code_digest()
+    assert reply_key(message, _context(run_config), code) != reply_key(
+        message, _context(other), code
+    )
+
+
+def test_an_edit_to_the_client_code_changes_the_digest(tmp_path) -> None:
+    for package in ("client_app", "common"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    before = client_code_digest(tmp_path)
+    (tmp_path / "common" / "a.py").write_text("x = 2\n")
+    assert client_code_digest(tmp_path) != before
+
+
+# feddf and mosaic ask the clients the same thing in a one-shot round; fedprox does not.
+CELLS = [
+    Cell("fashion-mnist", 1.0, 3, "one-shot", "feddf", 0),
+    Cell("fashion-mnist", 1.0, 3, "one-shot", "mosaic", 0),
+    Cell("fashion-mnist", 1.0, 3, "one-shot", "fedavg", 0),
+    Cell("fashion-mnist", 1.0, 3, "one-shot", "fedprox", 0),
+]
+SIZES = {**TINY_SIZES, "local-steps": 3, "local-epochs": 0.0, "min-partition-size": 5}
+for key in ("num-rounds", "kd-round", "proto-start-round", "run-name"):
+    SIZES.pop(key)
+
+
+def _suite(cells, out: Path, base: dict, cache: ReplyCache | None) -> dict[str, dict]:
+    records = run_suite(
+        Suite("test", cells, SIZES), out, base=base, reply_cache=cache, progress=lambda _: None
+    )
+    return {r["cell"]["strategy"]: r for r in records}
+
+
+def test_cells_that_ask_the_same_share_replies_and_results(data_root, tmp_path) -> None:
+    base = tiny_run_config(data_root, tmp_path / "unused")
+    cached = _suite(CELLS, tmp_path / "cached", base, ReplyCache(tmp_path / "replies"))
+    assert cached["feddf"]["client_replies"] == {"reused": 0, "computed": 3}
+    assert cached["mosaic"]["client_replies"] == {"reused": 3, "computed": 0}
+    assert cached["fedprox"]["client_replies"] == {"reused": 0, "computed": 3}
+
+    alone = _suite(CELLS[1:2], tmp_path / "alone", base, None)
+    assert "client_replies" not in alone["mosaic"]
+    for field in ("final_accuracy", "teacher_accuracy", "pre_kd_accuracy"):
+        assert cached["mosaic"][field] == alone["mosaic"][field]
+
+    forced = ReplyCache(tmp_path / "replies", read=False)
+    again = _suite(CELLS[1:2], tmp_path / "forced", base, forced)
+    assert again["mosaic"]["client_replies"] == {"reused": 0, "computed": 3}
