@@ -388,7 +388,10 @@ def _replies_reused(records: Sequence[Mapping[str, Any]]) -> str:
     if not counted:
         return "-"
     reused = sum(c["reused"] for c in counted)
-    return f"{reused}/{reused + sum(c['computed'] for c in counted)}"
+    text = f"{reused}/{reused + sum(c['computed'] for c in counted)}"
+    if len(counted) < len(records):  # records made before the cache existed do not count
+        text += f" ({len(counted)} of {len(records)} seeds)"
+    return text
 
 
 def _by_setting(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list]]:

@@ -160,6 +160,24 @@ def test_table_has_mean_and_std_over_seeds() -> None:
     assert "seed 0:\n\n- client-0: [1, 2]" in table and "seed 1:\n\n- client-0: [1, 3]" in table
 
 
+def test_table_counts_reused_replies_of_the_records_that_counted_them() -> None:
+    def record(seed: int, replies: dict | None) -> dict:
+        made = {
+            "cell": vars(Cell("mnist", 0.1, 5, "one-shot", "mosaic", seed)),
+            "status": "ok",
+            "final_accuracy": 0.9,
+            "wall_seconds": 1.0,
+            "bytes_per_client": {},
+        }
+        return made | ({"client_replies": replies} if replies else {})
+
+    both = [record(0, {"reused": 5, "computed": 0}), record(1, {"reused": 2, "computed": 3})]
+    assert "| 1 | 7/10 | - | 0 |" in render_table(both)
+    older = [record(0, {"reused": 5, "computed": 0}), record(1, None)]
+    assert "| 1 | 5/5 (1 of 2 seeds) | - | 0 |" in render_table(older)
+    assert "| 1 | - | - | 0 |" in render_table([record(0, None)])
+
+
 def test_a_glob_selects_part_of_a_suite_with_its_sizes() -> None:
     from benchmarks import SUITES, select_cells
 
