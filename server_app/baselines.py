@@ -45,11 +45,6 @@ class _BaselineStrategy(MosaicStrategy):
     def prototypes_expected(self, server_round: int) -> bool:
         return False
 
-    def round_config(self, server_round: int) -> dict[str, bool | float]:
-        config = super().round_config(server_round)
-        config["train-generator"] = self.distilled and bool(config["train-generator"])
-        return config
-
     def generator_signature(self, server_round: int) -> dict | None:
         return super().generator_signature(server_round) if self.distilled else None
 

@@ -113,10 +113,17 @@ class CheckedFedAvg(FedAvg):
         Every strategy gives its clients the same learning rate schedule, ``lr`` up to the
         kd-round and ``finetune-lr`` after it, so that baselines do the same local work as
         Mosaic. A FedAvg kept at ``lr`` while Mosaic fine-tunes at a lower one credits the lr
-        step to distillation (measured: it made up most of Mosaic's multi-round lead).
+        step to distillation (measured: it made up most of Mosaic's multi-round lead). Every
+        strategy also says what it wants besides weights, as its reply check expects it: so
+        strategies that ask the same send the same message (the benchmarks' reply cache shares
+        client work between them).
         """
         cfg = self.cfg
-        return {"lr": cfg.finetune_lr if server_round > cfg.kd_round else cfg.lr}
+        return {
+            "lr": cfg.finetune_lr if server_round > cfg.kd_round else cfg.lr,
+            "send-prototypes": self.prototypes_expected(server_round),
+            "train-generator": self.generator_signature(server_round) is not None,
+        }
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -313,13 +320,6 @@ class MosaicStrategy(CheckedFedAvg):
             self._generator_signature = state_signature(
                 build_generator(self.generator_spec).state_dict()
             )
-
-    def round_config(self, server_round: int) -> dict[str, bool | float]:
-        return {
-            **super().round_config(server_round),
-            "send-prototypes": self.prototypes_expected(server_round),
-            "train-generator": server_round == self.cfg.generator_round_resolved,
-        }
 
     def prototypes_expected(self, server_round: int) -> bool:
         return server_round in self.cfg.prototype_rounds

@@ -140,12 +140,11 @@ def test_an_edit_to_the_client_code_changes_the_digest(tmp_path) -> None:
     assert client_code_digest(tmp_path) != before
 
 
-# feddf and mosaic ask the clients the same thing in a one-shot round; fedprox does not.
+# In a one-shot round feddf and mosaic ask the clients the same thing (training and a
+# generator), as fedavg and ensemble do (training alone); fedprox's clients train otherwise.
 CELLS = [
-    Cell("fashion-mnist", 1.0, 3, "one-shot", "feddf", 0),
-    Cell("fashion-mnist", 1.0, 3, "one-shot", "mosaic", 0),
-    Cell("fashion-mnist", 1.0, 3, "one-shot", "fedavg", 0),
-    Cell("fashion-mnist", 1.0, 3, "one-shot", "fedprox", 0),
+    Cell("fashion-mnist", 1.0, 3, "one-shot", strategy, 0)
+    for strategy in ("feddf", "mosaic", "fedavg", "ensemble", "fedprox")
 ]
 SIZES = {**TINY_SIZES, "local-steps": 3, "local-epochs": 0.0, "min-partition-size": 5}
 for key in ("num-rounds", "kd-round", "proto-start-round", "run-name"):
@@ -164,6 +163,8 @@ def test_cells_that_ask_the_same_share_replies_and_results(data_root, tmp_path) 
     cached = _suite(CELLS, tmp_path / "cached", base, ReplyCache(tmp_path / "replies"))
     assert cached["feddf"]["client_replies"] == {"reused": 0, "computed": 3}
     assert cached["mosaic"]["client_replies"] == {"reused": 3, "computed": 0}
+    assert cached["fedavg"]["client_replies"] == {"reused": 0, "computed": 3}
+    assert cached["ensemble"]["client_replies"] == {"reused": 3, "computed": 0}
     assert cached["fedprox"]["client_replies"] == {"reused": 0, "computed": 3}
 
     alone = _suite(CELLS[1:2], tmp_path / "alone", base, None)
