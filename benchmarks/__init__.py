@@ -7,9 +7,10 @@ server loop with in-process ClientApps, no Ray), and its record is written to
 config is reused unless ``force`` (a changed default makes it stale, and it runs again); a cell
 that raised is recorded as ``crashed`` with the error (and run again next time), never dropped.
 Cells that send the clients the same message share the clients' replies through a
-:class:`~benchmarks.reply_cache.ReplyCache` (``<out>/client-replies``; ``--no-reply-cache``
-turns it off). From the records, :func:`write_table` writes ``results.md`` (mean +- std over
-seeds per method and setting) and :func:`write_bar_chart` ``accuracy.png``.
+:class:`~benchmarks.reply_cache.ReplyCache` (``client-replies`` beside the suites' folders;
+``--no-reply-cache`` turns it off). From the records, :func:`write_table` writes
+``results.md`` (mean +- std over seeds per method and setting) and :func:`write_bar_chart`
+``accuracy.png``.
 
 Run it with ``python -m benchmarks --suite quick``.
 """
@@ -34,7 +35,8 @@ import numpy as np
 
 from benchmarks.reply_cache import ReplyCache
 from benchmarks.targets import render_targets
-from common.config import pyproject_defaults
+from common.config import ConfigError, parse_run_config, pyproject_defaults
+from deploy.simulation import parse_set
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 Runner = Callable[[Mapping[str, Any], int], Any]
@@ -562,7 +564,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-reply-cache",
         action="store_true",
         help="every cell trains its own clients (by default cells that send the clients the"
-        " same message reuse their replies, kept under OUT/SUITE/client-replies)",
+        " same message reuse their replies, kept under OUT/client-replies)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key in every cell (TOML literal; repeatable): a variant"
+        " of the suite, recorded under OUT/SUITE+KEY=VALUE, beside the suite's own records",
     )
     parser.add_argument(
         "--cells",
@@ -574,19 +584,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = pyproject_defaults(PYPROJECT)
     base.update({"data-root": str(Path(args.data_root).resolve()), "device": args.device})
-    out = args.out / args.suite
-    suite = select_cells(SUITES[args.suite], args.cells)
+    try:
+        overrides = parse_set(args.set)
+    except ConfigError as error:
+        parser.error(str(error))
+    whole = SUITES[args.suite]
+    whole = Suite(whole.name, whole.cells, {**whole.sizes, **overrides})
+    out = args.out / (args.suite + "".join(f"+{k}={v}" for k, v in overrides.items()))
+    suite = select_cells(whole, args.cells)
     if not suite.cells:
         parser.error(f"--cells {args.cells!r} matches no cell of suite {args.suite!r}")
+    for cell in suite.cells:  # a bad override fails here, naming the key, not in every cell
+        try:
+            parse_run_config(cell_run_config(cell, base, suite.sizes, out / "runs"))
+        except ConfigError as error:
+            parser.error(f"--set: {error}")
     reply_cache = None
-    if not args.no_reply_cache:
-        reply_cache = ReplyCache(out / "client-replies", read=not args.force)
+    if not args.no_reply_cache:  # shared by every suite and variant: keys say what decides
+        reply_cache = ReplyCache(args.out / "client-replies", read=not args.force)
     records = run_suite(
         suite,
         out,
         base=base,
         force=args.force,
-        table_cells=SUITES[args.suite].cells,
+        table_cells=whole.cells,
         reply_cache=reply_cache,
     )
     crashed = [r["key"] for r in records if r.get("status") != "ok"]

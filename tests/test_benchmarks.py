@@ -211,3 +211,19 @@ def test_peak_memory_is_each_cells_own(base, tmp_path) -> None:
         progress=lambda _: None,
     )
     assert first["peak_rss_mb"] > second["peak_rss_mb"] + 300
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("kd-stepz=3", "kd-stepz"), ("kd-steps=-1", "kd-steps"), ("kd-steps", "key=value")],
+)
+def test_a_bad_override_stops_the_suite_before_any_cell_naming_it(
+    override, named, tmp_path, capsys
+) -> None:
+    from benchmarks import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--suite", "quick", "--out", str(tmp_path), "--set", override])
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
