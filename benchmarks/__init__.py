@@ -60,6 +60,54 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 # Strategies whose result is their teacher (never distilled into the global model).
 TEACHER_ONLY = frozenset({"ensemble", "label-share"})
 
+# Run-config keys each strategy's result does not depend on: a record stays current when only
+# these changed (a new distillation default does not rerun FedAvg). tests/test_benchmarks.py
+# runs every strategy with all of its keys here changed and checks that nothing moves.
+_DISTILLATION = frozenset(
+    {
+        "kd-steps",
+        "kd-batch-per-generator",
+        "kd-lr",
+        "kd-alpha",
+        "kd-beta",
+        "kd-temperature",
+        "kd-generator-weighting",
+    }
+)
+_META = frozenset(
+    {"meta-epochs", "meta-lr", "meta-batch-size", "meta-val-fraction", "meta-patience", "meta-ema"}
+)
+_PROTOTYPES = frozenset(
+    {"proto-start-round", "proto-bank-rounds", "protos-per-class", "min-proto-samples"}
+)
+_CLIENT_GENERATOR = frozenset(
+    {
+        "generator-round",
+        "gen-steps",
+        "gen-batch-size",
+        "lambda-adv",
+        "lambda-div",
+        "lambda-ent",
+        "lambda-inv",
+    }
+)
+_GENERATOR = _CLIENT_GENERATOR | {"gen-latent-dim", "gen-channels", "gen-lr"}
+_DENSE = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
+_FEDAVG_UNREAD = _DISTILLATION | _META | _PROTOTYPES | _GENERATOR | _DENSE | {"meta-prior"}
+UNREAD_KEYS: dict[str, frozenset[str]] = {
+    "fedavg": _FEDAVG_UNREAD | {"proximal-mu"},
+    "fedprox": _FEDAVG_UNREAD,
+    "ensemble": _FEDAVG_UNREAD | {"proximal-mu"},
+    "label-share": _FEDAVG_UNREAD | {"proximal-mu"},
+    "dense": _META
+    | _PROTOTYPES
+    | _CLIENT_GENERATOR
+    | {"meta-prior", "kd-generator-weighting", "proximal-mu"},
+    "feddf": _META | _PROTOTYPES | _DENSE | {"meta-prior", "proximal-mu"},
+    "mosaic-no-meta": _META | _PROTOTYPES | _DENSE | {"proximal-mu"},
+    "mosaic": _DENSE | {"proximal-mu"},
+}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -299,10 +347,16 @@ def _write_json(path: Path, payload: Any) -> None:
 
 def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The keys whose value differs between a record's config and ``current`` (compared as
-    JSON stores them): a changed default or suite size makes an old record stale, and reusing
-    it would put a number under a config that did not produce it."""
+    JSON stores them), leaving out those the cell's strategy does not read (``UNREAD_KEYS``):
+    a changed default or suite size makes an old record stale, and reusing it would put a
+    number under a config that did not produce it."""
     current = json.loads(json.dumps(dict(current), sort_keys=True, default=str))
-    return sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+    unread = UNREAD_KEYS.get(current.get("strategy", ""), frozenset())
+    return sorted(
+        k
+        for k in recorded.keys() | current.keys()
+        if recorded.get(k) != current.get(k) and k not in unread
+    )
 
 
 def run_suite(

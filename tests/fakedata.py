@@ -81,3 +81,54 @@ def tiny_run_config(root: str | Path, results_dir: str | Path, **overrides: Any)
     config.update({"data-root": str(root), "results-dir": str(results_dir)})
     config.update({key.replace("_", "-"): value for key, value in overrides.items()})
     return config
+
+
+# A valid value other than the tiny config's for every key that some part of the app is
+# declared not to read (common.config.SERVER_ONLY_KEYS, benchmarks.UNREAD_KEYS): tests change
+# them and check that nothing moves. ``strategy``: a method whose clients work as Mosaic's.
+OTHER_VALUES: dict[str, Any] = {
+    "strategy": "feddf",
+    "results-dir": "/elsewhere",
+    "run-name": "another-run",
+    "resume": True,
+    "num-rounds": 9,
+    "min-nodes": 5,
+    "fraction-train": 0.5,
+    "fraction-evaluate": 0.3,
+    "round-timeout": 30.0,
+    "min-replies": 2,
+    "lr": 0.05,
+    "finetune-lr": 0.001,
+    "kd-round": 4,
+    "proto-start-round": 2,
+    "proto-bank-rounds": 4,
+    "generator-round": 1,
+    "meta-epochs": 7,
+    "meta-lr": 0.01,
+    "meta-batch-size": 32,
+    "meta-val-fraction": 0.1,
+    "meta-patience": 3,
+    "meta-ema": 0.9,
+    "meta-prior": "experts",
+    "kd-steps": 11,
+    "kd-batch-per-generator": 7,
+    "kd-lr": 0.01,
+    "kd-alpha": 0.5,
+    "kd-beta": 0.3,
+    "kd-temperature": 2.0,
+    "kd-generator-weighting": "size",
+    "dense-lambda-bn": 0.5,
+    "dense-lambda-adv": 0.5,
+    "proximal-mu": 0.5,
+    "protos-per-class": 2,
+    "min-proto-samples": 2,
+    "gen-steps": 2,
+    "gen-batch-size": 4,
+    "gen-latent-dim": 16,
+    "gen-channels": 4,
+    "gen-lr": 0.001,
+    "lambda-adv": 0.5,
+    "lambda-div": 1.0,
+    "lambda-ent": 0.5,
+    "lambda-inv": 0.5,
+}

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import Cell, Suite, render_table, run_suite
+from benchmarks import ALL_STRATEGIES, UNREAD_KEYS, Cell, Suite, render_table, run_suite
 from server_app.inprocess import run_inprocess
-from tests.fakedata import TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
+from tests.fakedata import OTHER_VALUES, TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
 
 CELLS = [
     Cell("fashion-mnist", 1.0, 3, "one-shot", "fedavg", 0),
@@ -109,7 +109,7 @@ def test_a_record_made_under_another_config_is_run_again(suite_run, base) -> Non
     out, _, _ = suite_run
     messages: list[str] = []
     runner = CountingRunner()
-    changed = {**base, "kd-lr": base["kd-lr"] * 2}  # e.g. a default changed since
+    changed = {**base, "momentum": 0.5}  # e.g. a default changed since
     run_suite(
         Suite("test", CELLS[:1], SIZES),
         out,
@@ -121,7 +121,37 @@ def test_a_record_made_under_another_config_is_run_again(suite_run, base) -> Non
     assert runner.calls == [CELLS[0].key]
     # the other cell's record was made under the old config: it stays out of the table
     assert "| label-share |" not in (out / "results.md").read_text()
-    assert any("stale (kd-lr)" in line for line in messages)
+    assert any("stale (momentum)" in line for line in messages)
+
+
+def test_a_key_the_strategy_does_not_read_leaves_its_record_current(base, tmp_path) -> None:
+    runner = CountingRunner()
+    suite = Suite("test", CELLS[:1], SIZES)
+    run_suite(suite, tmp_path, base=base, runner=runner, progress=lambda _: None)
+    changed = {**base, "kd-lr": base["kd-lr"] * 2, "meta-epochs": 9}  # FedAvg reads neither
+    records = run_suite(suite, tmp_path, base=changed, runner=runner, progress=lambda _: None)
+    assert runner.calls == [CELLS[0].key] and records[0]["status"] == "ok"
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_a_strategy_ignores_the_keys_it_is_declared_not_to_read(
+    strategy, data_root, tmp_path
+) -> None:
+    base = tiny_run_config(data_root, tmp_path, strategy=strategy)
+    other = {**base, **{key: OTHER_VALUES[key] for key in UNREAD_KEYS[strategy]}}
+    assert other != base
+    results = []
+    for name, config in (("base", base), ("other", other)):
+        run_inprocess({**config, "run-name": name}, 3)
+        rounds = json.loads((tmp_path / name / "metrics.json").read_text())["rounds"]
+        results.append(
+            {
+                r: {k: v for k, v in values.items() if "accuracy" in k or "loss" in k}
+                for r, values in rounds.items()
+            }
+        )
+    assert results[0] == results[1]
+    assert len(results[0]) == base["num-rounds"] + 1 and "accuracy" in results[0]["3"]
 
 
 def test_a_crashing_cell_is_recorded_and_reported(base, tmp_path) -> None:
