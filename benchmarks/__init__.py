@@ -35,7 +35,14 @@ import numpy as np
 
 from benchmarks.reply_cache import ReplyCache
 from benchmarks.targets import render_targets
-from common.config import ConfigError, parse_run_config, pyproject_defaults
+from common.config import (
+    DENSE_KEYS,
+    DISTILLATION_KEYS,
+    META_KEYS,
+    ConfigError,
+    parse_run_config,
+    pyproject_defaults,
+)
 from deploy.simulation import parse_set
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -63,20 +70,6 @@ TEACHER_ONLY = frozenset({"ensemble", "label-share"})
 # Run-config keys each strategy's result does not depend on: a record stays current when only
 # these changed (a new distillation default does not rerun FedAvg). tests/test_benchmarks.py
 # runs every strategy with all of its keys here changed and checks that nothing moves.
-_DISTILLATION = frozenset(
-    {
-        "kd-steps",
-        "kd-batch-per-generator",
-        "kd-lr",
-        "kd-alpha",
-        "kd-beta",
-        "kd-temperature",
-        "kd-generator-weighting",
-    }
-)
-_META = frozenset(
-    {"meta-epochs", "meta-lr", "meta-batch-size", "meta-val-fraction", "meta-patience", "meta-ema"}
-)
 _PROTOTYPES = frozenset(
     {"proto-start-round", "proto-bank-rounds", "protos-per-class", "min-proto-samples"}
 )
@@ -92,20 +85,21 @@ _CLIENT_GENERATOR = frozenset(
     }
 )
 _GENERATOR = _CLIENT_GENERATOR | {"gen-latent-dim", "gen-channels", "gen-lr"}
-_DENSE = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
-_FEDAVG_UNREAD = _DISTILLATION | _META | _PROTOTYPES | _GENERATOR | _DENSE | {"meta-prior"}
+_FEDAVG_UNREAD = (
+    DISTILLATION_KEYS | META_KEYS | _PROTOTYPES | _GENERATOR | DENSE_KEYS | {"meta-prior"}
+)
 UNREAD_KEYS: dict[str, frozenset[str]] = {
     "fedavg": _FEDAVG_UNREAD | {"proximal-mu"},
     "fedprox": _FEDAVG_UNREAD,
     "ensemble": _FEDAVG_UNREAD | {"proximal-mu"},
     "label-share": _FEDAVG_UNREAD | {"proximal-mu"},
-    "dense": _META
+    "dense": META_KEYS
     | _PROTOTYPES
     | _CLIENT_GENERATOR
     | {"meta-prior", "kd-generator-weighting", "proximal-mu"},
-    "feddf": _META | _PROTOTYPES | _DENSE | {"meta-prior", "proximal-mu"},
-    "mosaic-no-meta": _META | _PROTOTYPES | _DENSE | {"proximal-mu"},
-    "mosaic": _DENSE | {"proximal-mu"},
+    "feddf": META_KEYS | _PROTOTYPES | DENSE_KEYS | {"meta-prior", "proximal-mu"},
+    "mosaic-no-meta": META_KEYS | _PROTOTYPES | DENSE_KEYS | {"proximal-mu"},
+    "mosaic": DENSE_KEYS | {"proximal-mu"},
 }
 
 

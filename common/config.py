@@ -32,35 +32,10 @@ MOSAIC_SCHEDULE: frozenset[str] = frozenset(
 # exactly this (tests/test_traffic.py checks) and the pre-run payload check sizes by it.
 UPLOADS_GENERATOR: frozenset[str] = frozenset({"mosaic", "feddf", "mosaic-no-meta"})
 UPLOADS_PROTOTYPES: frozenset[str] = frozenset({"mosaic"})
-# Run-config keys only the server reads: clients get what they need of the schedule (round,
-# lr, whether to send prototypes or a generator) in each message, and ``strategy`` reaches them
-# only through ``RunConfig.client_proximal_mu``. Two clients whose run configs differ only here
-# train the same model; the benchmarks' reply cache relies on it (tests/test_reply_cache.py).
-SERVER_ONLY_KEYS: frozenset[str] = frozenset(
+# Run-config keys of the server's own steps, by step (benchmarks.UNREAD_KEYS says which
+# strategies never read them).
+DISTILLATION_KEYS: frozenset[str] = frozenset(
     {
-        "strategy",
-        "results-dir",
-        "run-name",
-        "resume",
-        "num-rounds",
-        "min-nodes",
-        "fraction-train",
-        "fraction-evaluate",
-        "round-timeout",
-        "min-replies",
-        "lr",
-        "finetune-lr",
-        "kd-round",
-        "proto-start-round",
-        "proto-bank-rounds",
-        "generator-round",
-        "meta-epochs",
-        "meta-lr",
-        "meta-batch-size",
-        "meta-val-fraction",
-        "meta-patience",
-        "meta-ema",
-        "meta-prior",
         "kd-steps",
         "kd-batch-per-generator",
         "kd-lr",
@@ -68,9 +43,41 @@ SERVER_ONLY_KEYS: frozenset[str] = frozenset(
         "kd-beta",
         "kd-temperature",
         "kd-generator-weighting",
-        "dense-lambda-bn",
-        "dense-lambda-adv",
     }
+)
+META_KEYS: frozenset[str] = frozenset(
+    {"meta-epochs", "meta-lr", "meta-batch-size", "meta-val-fraction", "meta-patience", "meta-ema"}
+)
+DENSE_KEYS: frozenset[str] = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
+# Run-config keys only the server reads: clients get what they need of the schedule (round,
+# lr, whether to send prototypes or a generator) in each message, and ``strategy`` reaches them
+# only through ``RunConfig.client_proximal_mu``. Two clients whose run configs differ only here
+# train the same model; the benchmarks' reply cache relies on it (tests/test_reply_cache.py).
+SERVER_ONLY_KEYS: frozenset[str] = (
+    frozenset(
+        {
+            "strategy",
+            "results-dir",
+            "run-name",
+            "resume",
+            "num-rounds",
+            "min-nodes",
+            "fraction-train",
+            "fraction-evaluate",
+            "round-timeout",
+            "min-replies",
+            "lr",
+            "finetune-lr",
+            "kd-round",
+            "proto-start-round",
+            "proto-bank-rounds",
+            "generator-round",
+            "meta-prior",
+        }
+    )
+    | DISTILLATION_KEYS
+    | META_KEYS
+    | DENSE_KEYS
 )
 Partitioning = Literal["dirichlet", "iid", "pathological"]
 GeneratorWeighting = Literal["uniform", "size", "coverage"]
