@@ -2,7 +2,8 @@
 
 In a one-shot setting, several methods of one seed send the clients the same message: the same
 initial weights and round config (FedDF, Mosaic and its ablation all ask for local training
-plus a generator; the ensemble, label-share and DENSE for local training alone). That client
+plus a generator; FedAvg, the ensemble, label-share and DENSE for local training alone; in
+multi-round runs the undistilled baselines send FedAvg's messages in every round). That client
 work is most of a cell's time, and it is the same work in each. A reply is keyed on everything
 that decides it:
 

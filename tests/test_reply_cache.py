@@ -138,3 +138,16 @@ def test_cells_that_ask_the_same_share_replies_and_results(data_root, tmp_path) 
     forced = ReplyCache(tmp_path / "replies", read=False)
     again = _suite(CELLS[1:2], tmp_path / "forced", base, forced)
     assert again["mosaic"]["client_replies"] == {"reused": 0, "computed": 3}
+
+
+def test_undistilled_baselines_send_fedavgs_messages_in_every_round(data_root, tmp_path) -> None:
+    base = tiny_run_config(data_root, tmp_path / "unused")
+    cells = [
+        Cell("fashion-mnist", 1.0, 3, "multi-round", strategy, 0)
+        for strategy in ("fedavg", "label-share", "mosaic")
+    ]
+    records = _suite(cells, tmp_path / "multi", base, ReplyCache(tmp_path / "replies"))
+    every_reply = 3 * records["fedavg"]["config"]["num-rounds"]
+    assert records["label-share"]["client_replies"] == {"reused": every_reply, "computed": 0}
+    # Mosaic asks for prototypes from round 3 on: the same messages in rounds 1-2 only
+    assert records["mosaic"]["client_replies"] == {"reused": 3 * 2, "computed": every_reply - 6}
