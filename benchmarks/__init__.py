@@ -256,6 +256,34 @@ def _peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _reset_peak_gpu() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu_mb() -> float | None:
+    """Peak GPU memory PyTorch allocated since :func:`_reset_peak_gpu`, in MiB; ``None``
+    without CUDA (the run's tensors then count in the resident memory)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def hardware() -> dict[str, Any]:
+    """Where a cell ran: wall times compare only between records of the same hardware."""
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
 def inprocess_runner(reply_cache: ReplyCache | None = None) -> Runner:
     """``run_inprocess`` with the project's ClientApp, answering from ``reply_cache`` if given."""
     from client_app.app import app
@@ -282,6 +310,7 @@ def run_cell(
     its wall time holds only the client work it did itself."""
     record: dict[str, Any] = {"cell": asdict(cell), "key": cell.key, "config": dict(config)}
     _reset_peak_rss()
+    _reset_peak_gpu()
     if reply_cache is not None:
         before = (reply_cache.reused, reply_cache.computed)
     started = time.perf_counter()
@@ -312,6 +341,8 @@ def run_cell(
         wall_seconds=round(time.perf_counter() - started, 1),
         bytes_per_client=_bytes_per_client(folder),
         peak_rss_mb=round(_peak_rss_mb(), 1),
+        peak_gpu_mb=_peak_gpu_mb(),
+        hardware=hardware(),
         label_counts=(
             json.loads(label_counts_path.read_text()) if label_counts_path.exists() else {}
         ),

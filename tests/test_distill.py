@@ -112,7 +112,13 @@ def _agreement_and_loss(
     return (s.argmax(1) == t.argmax(1)).float().mean().item(), kd_loss(s, t).item()
 
 
-def test_distill_reduces_loss_and_raises_agreement() -> None:
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_distill_reduces_loss_and_raises_agreement(device) -> None:
     teacher, student, generators = _tiny_problem()
     with torch.no_grad():
         images = torch.cat([g.train()(torch.randn(128, 8)) for g in generators])
@@ -132,10 +138,13 @@ def test_distill_reduces_loss_and_raises_agreement() -> None:
         steps=200,
         batch_per_generator=32,
         lr=1e-2,
-        device="cpu",
+        device=device,
         progress=lines.append,
     )
 
+    assert next(student.parameters()).device.type == device
+    for model in (student, teacher, *generators):
+        model.cpu()
     agreement_after, loss_after = _agreement_and_loss(student, teacher, images)
     assert result.steps == 200 and len(lines) == 4
     assert loss_after < 0.7 * loss_before

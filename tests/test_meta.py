@@ -39,13 +39,19 @@ def test_meta_model_without_prior_outputs_class_logits() -> None:
         meta(torch.randn(4, 2, 2))
 
 
-def test_training_learns_which_expert_to_trust() -> None:
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_training_learns_which_expert_to_trust(device) -> None:
     inputs, targets = _one_reliable_expert(400)
     meta = MetaModel(3, 4, dim_feedforward=64)
     prior_accuracy = (meta.eval()(inputs).argmax(1) == targets).float().mean()
     assert prior_accuracy < 0.6
 
-    result = train_meta_model(meta, inputs, targets, epochs=40, lr=3e-3, device="cpu")
+    result = train_meta_model(meta, inputs, targets, epochs=40, lr=3e-3, device=device)
 
     assert result.val_accuracy >= 0.95
     assert result.train_accuracy >= 0.95
