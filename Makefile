@@ -4,6 +4,7 @@
 #   make run-fedavg               the same run with the FedAvg baseline
 #   make test                     set up, then run the test suite
 #   make bench                    set up, then the quick benchmark suite (docs/results.md)
+#   make gpu-check                on a GPU machine: the CUDA tests, then the speed cells
 #
 # Variables (make VAR=value ...):
 #   PROFILE   run-config profile              (default: conf/fmnist-dir0.1.toml)
@@ -22,7 +23,7 @@ SUITE ?= quick
 BENCH_ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: setup run run-fedavg test bench lint clean-results
+.PHONY: setup run run-fedavg test bench gpu-check lint clean-results
 
 setup:
 	bash scripts/setup.sh
@@ -38,6 +39,14 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks --suite $(SUITE) $(BENCH_ARGS)
+
+# The speed cells train every client afresh (no reply cache): GPU, then the same cell on the CPUs.
+SPEED_CELLS := 'one-shot-fashion-mnist-a0.1-n5-mosaic-s0'
+gpu-check: setup
+	$(PY) -m pytest -q tests/test_cuda.py tests/test_distill.py tests/test_meta.py
+	$(PY) -m benchmarks --suite full --no-reply-cache --force --device cuda --cells $(SPEED_CELLS)
+	$(PY) -m benchmarks --suite full --no-reply-cache --force --device cpu --cells $(SPEED_CELLS) \
+		--out benchmarks/results/speed-cpu
 
 lint:
 	$(PY) -m ruff check .

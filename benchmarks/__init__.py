@@ -626,6 +626,19 @@ def _mean_curve(cell_records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     return {r: 100 * float(np.mean([c[r] for c in curves])) for r in rounds}
 
 
+def variant_overrides(device: str, assignments: Sequence[str]) -> dict[str, Any]:
+    """The run-config overrides of a suite variant: ``--set KEY=VALUE`` pairs, and the device
+    unless it is the CPU the suite's own records are made on. A device this machine lacks
+    fails here (``RuntimeError``), before any cell."""
+    from common.train import resolve_device
+
+    overrides = parse_set(assignments)
+    resolved = resolve_device(str(overrides.pop("device", device)))
+    if resolved.type != "cpu":
+        overrides["device"] = str(resolved)
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -633,7 +646,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--data-root", default="data")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where clients and server compute (cpu | auto | cuda | cuda:N | mps). Another device"
+        " than cpu is a variant of the suite (OUT/SUITE+device=cuda), as with --set: its wall"
+        " times and rounding differ, so it never replaces the CPU records",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
@@ -662,10 +681,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     base = pyproject_defaults(PYPROJECT)
-    base.update({"data-root": str(Path(args.data_root).resolve()), "device": args.device})
+    base.update({"data-root": str(Path(args.data_root).resolve())})
     try:
-        overrides = parse_set(args.set)
-    except ConfigError as error:
+        overrides = variant_overrides(args.device, args.set)
+    except (ConfigError, RuntimeError) as error:
         parser.error(str(error))
     whole = SUITES[args.suite]
     whole = Suite(whole.name, whole.cells, {**whole.sizes, **overrides})

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import ALL_STRATEGIES, UNREAD_KEYS, Cell, Suite, render_table, run_suite
 from server_app.inprocess import run_inprocess
@@ -259,3 +260,25 @@ def test_a_bad_override_stops_the_suite_before_any_cell_naming_it(
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_a_device_other_than_the_cpu_is_a_variant_of_the_suite() -> None:
+    from benchmarks import variant_overrides
+
+    assert variant_overrides("cpu", ["kd-steps=1500"]) == {"kd-steps": 1500}
+    if torch.cuda.is_available():
+        assert variant_overrides("auto", []) == {"device": "cuda"}
+        assert variant_overrides("cpu", ["device='cuda'"]) == {"device": "cuda"}
+    else:
+        assert variant_overrides("auto", []) == {}  # auto is the CPU here: the suite itself
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_asking_for_cuda_without_it_stops_before_any_cell(tmp_path, capsys) -> None:
+    from benchmarks import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--suite", "quick", "--out", str(tmp_path), "--device", "cuda"])
+    assert stopped.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
