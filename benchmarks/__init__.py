@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.published import render_published
 from benchmarks.reply_cache import ReplyCache
 from benchmarks.targets import render_targets
 from common.config import (
@@ -496,6 +497,9 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
     )
     if suite_name:
         lines += ["", render_targets(records, suite_name, method_accuracy).rstrip()]
+    published = render_published(records, method_accuracy)
+    if published:
+        lines += ["", published.rstrip()]
     for setting, methods in _by_setting(records).items():
         lines += ["", f"## {setting}", ""]
         lines.append(

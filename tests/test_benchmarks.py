@@ -191,6 +191,13 @@ def test_table_has_mean_and_std_over_seeds() -> None:
     assert "| fedavg | 2 | 60.00 ± 14.14 |" in table
     assert "| label-share | 1 | 60.00 |" in table  # judged by its teacher
     assert "seed 0:\n\n- client-0: [1, 2]" in table and "seed 1:\n\n- client-0: [1, 3]" in table
+    # Published beside ours, per alpha: the MNIST rows of DENSE's Table 1, ours as the mean.
+    assert "## Published numbers beside ours (one-shot, 5 clients)" in table
+    assert (
+        "| FedAvg (one-shot) | 48.24 (published) | 60.00 (2 seeds) | 72.94 (published) |" in table
+    )
+    assert "| label-share ensemble (teacher) | - | 60.00 (1 seed) | - | not run |" in table
+    assert "FashionMNIST:" not in table  # no FashionMNIST record, no FashionMNIST table
 
 
 def test_table_counts_reused_replies_of_the_records_that_counted_them() -> None:
