@@ -87,7 +87,12 @@ _CLIENT_GENERATOR = frozenset(
 )
 _GENERATOR = _CLIENT_GENERATOR | {"gen-latent-dim", "gen-channels", "gen-lr"}
 _FEDAVG_UNREAD = (
-    DISTILLATION_KEYS | META_KEYS | _PROTOTYPES | _GENERATOR | DENSE_KEYS | {"meta-prior"}
+    DISTILLATION_KEYS
+    | META_KEYS
+    | _PROTOTYPES
+    | _GENERATOR
+    | DENSE_KEYS
+    | {"meta-prior", "kd-every"}  # teacher-only baselines: judged at kd-round
 )
 UNREAD_KEYS: dict[str, frozenset[str]] = {
     "fedavg": _FEDAVG_UNREAD | {"proximal-mu"},
@@ -371,12 +376,18 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(partial, path)
 
 
+# Run-config keys added after records were first made, each with the value under which the
+# app behaves as it did before the key existed: a record that lacks the key ran with it.
+ADDED_KEYS: dict[str, Any] = {"kd-every": 0}
+
+
 def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The keys whose value differs between a record's config and ``current`` (compared as
     JSON stores them), leaving out those the cell's strategy does not read (``UNREAD_KEYS``):
     a changed default or suite size makes an old record stale, and reusing it would put a
     number under a config that did not produce it."""
     current = json.loads(json.dumps(dict(current), sort_keys=True, default=str))
+    recorded = {**ADDED_KEYS, **recorded}
     unread = UNREAD_KEYS.get(current.get("strategy", ""), frozenset())
     return sorted(
         k

@@ -77,8 +77,8 @@ def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
         phases[phase] = phases.get(phase, 0.0) + round_log.seconds - server_side
         if mosaic:
             teacher_phase = "meta-model" if cfg.strategy == "mosaic" else "teacher"
-            phases[teacher_phase] = mosaic.get("meta-seconds", 0.0)
-            phases["distillation"] = mosaic.get("kd-seconds", 0.0)
+            for phase, key in ((teacher_phase, "meta-seconds"), ("distillation", "kd-seconds")):
+                phases[phase] = phases.get(phase, 0.0) + mosaic.get(key, 0.0)
     return {k: round(v, 1) for k, v in phases.items()}
 
 

@@ -48,6 +48,13 @@ class _BaselineStrategy(MosaicStrategy):
     def generator_signature(self, server_round: int) -> dict | None:
         return super().generator_signature(server_round) if self.distilled else None
 
+    def builds_teacher_after(self, server_round: int) -> bool:
+        """A teacher that is not distilled is judged once, at kd-round (``kd-every`` moves
+        nothing for it)."""
+        if self.distilled:
+            return super().builds_teacher_after(server_round)
+        return server_round == self.cfg.kd_round
+
     def transfer(
         self, student: Classifier, teacher: nn.Module, counts: np.ndarray
     ) -> DistillResult | None:

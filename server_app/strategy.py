@@ -362,10 +362,14 @@ class MosaicStrategy(CheckedFedAvg):
             meta.load_state_dict(state["meta-model"]["weights"])
             self.meta_model = meta.to(self.device)
 
+    def builds_teacher_after(self, server_round: int) -> bool:
+        """Whether the teacher is built (and distilled) after this round: ``kd_rounds``."""
+        return server_round in self.cfg.kd_rounds
+
     def after_aggregation(
         self, server_round: int, arrays: ArrayRecord, accepted: list[tuple[Message, TrainReply]]
     ) -> ArrayRecord:
-        if server_round != self.cfg.kd_round:
+        if not self.builds_teacher_after(server_round):
             return arrays
         states = [record_to_state(msg.content[ARRAYS]) for msg, _ in accepted]
         counts = np.array([reply.label_counts for _, reply in accepted])

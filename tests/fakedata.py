@@ -100,6 +100,7 @@ OTHER_VALUES: dict[str, Any] = {
     "lr": 0.05,
     "finetune-lr": 0.001,
     "kd-round": 4,
+    "kd-every": 1,
     "proto-start-round": 2,
     "proto-bank-rounds": 4,
     "generator-round": 1,

@@ -127,6 +127,16 @@ def test_a_record_made_under_another_config_is_run_again(suite_run, base) -> Non
     assert any("stale (momentum)" in line for line in messages)
 
 
+def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> None:
+    from benchmarks import ADDED_KEYS, _changed_keys
+
+    old = {"strategy": "mosaic", "kd-steps": 300}  # made before kd-every existed
+    assert ADDED_KEYS["kd-every"] == 0
+    assert _changed_keys(old, {**old, "kd-every": 0}) == []
+    assert _changed_keys(old, {**old, "kd-every": 1}) == ["kd-every"]
+    assert _changed_keys(old, {**old, "kd-every": 0, "new-key": 1}) == ["new-key"]
+
+
 def test_a_key_the_strategy_does_not_read_leaves_its_record_current(base, tmp_path) -> None:
     runner = CountingRunner()
     suite = Suite("test", CELLS[:1], SIZES)

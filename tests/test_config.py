@@ -210,3 +210,21 @@ def test_prototypes_are_never_asked_for_in_round_one(start, kd_round, rounds) ->
         {**pyproject_defaults(), "proto-start-round": start, "kd-round": kd_round}
     )
     assert list(cfg.prototype_rounds) == rounds
+
+
+@pytest.mark.parametrize(
+    ("every", "kd_rounds", "prototype_rounds"),
+    [
+        (0, [5], [3, 4, 5]),
+        (1, [5, 6, 7, 8, 9, 10], list(range(3, 11))),
+        (2, [5, 7, 9], [*range(3, 10)]),
+    ],
+)
+def test_kd_every_repeats_distillation_with_fresh_prototypes(
+    every, kd_rounds, prototype_rounds
+) -> None:
+    cfg = parse_run_config(
+        {**pyproject_defaults(), "num-rounds": 10, "kd-round": 5, "kd-every": every}
+    )
+    assert cfg.kd_rounds == kd_rounds
+    assert list(cfg.prototype_rounds) == prototype_rounds

@@ -141,6 +141,29 @@ def test_mosaic_run_sends_only_allowed_records(mosaic_run) -> None:
     assert len(with_prototypes) == NUM_NODES  # round 2 only: not round 1 (untrained), nor 3
 
 
+@pytest.mark.parametrize("strategy", ["mosaic", "label-share"])
+def test_kd_every_distills_again_with_the_prototypes_of_each_round(
+    data_root, tmp_path, strategy
+) -> None:
+    """kd-every = 1: distillation after rounds 2 and 3, prototypes in both; a teacher that is
+    not distilled is still judged once, at kd-round."""
+    grid, folder = run(data_root, tmp_path, strategy=strategy, kd_every=1)
+    rounds = read_json(folder, "metrics.json")["rounds"]
+    with_teacher = [r for r in ("1", "2", "3") if "teacher-accuracy" in rounds[r]]
+    train_replies = [m for m in grid.sent if m.metadata.message_type == "train"]
+    with_prototypes = [m for m in train_replies if "prototypes" in m.content]
+    if strategy == "mosaic":
+        assert with_teacher == ["2", "3"]
+        assert all(key in rounds["3"] for key in KD_FIGURES)
+        assert len(with_prototypes) == 2 * NUM_NODES
+        phases = read_json(folder, "metrics.json")["phase-seconds"]
+        kd_seconds = rounds["2"]["kd-seconds"] + rounds["3"]["kd-seconds"]
+        assert phases["distillation"] == pytest.approx(kd_seconds, abs=0.1)
+    else:
+        assert with_teacher == ["2"]
+        assert not with_prototypes
+
+
 def test_fedavg_run_has_no_mosaic_figures(data_root, tmp_path) -> None:
     _, folder = run(data_root, tmp_path, strategy="fedavg")
     rounds = read_json(folder, "metrics.json")["rounds"]
