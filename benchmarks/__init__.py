@@ -641,6 +641,16 @@ def _mean_curve(cell_records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     return {r: 100 * float(np.mean([c[r] for c in curves])) for r in rounds}
 
 
+def suite_base(data_root: Path) -> dict[str, Any]:
+    """The run config every cell of a suite starts from: the pyproject defaults, the data, and
+    the CPU (the suite's own records are made there; another device is a variant)."""
+    return {
+        **pyproject_defaults(PYPROJECT),
+        "data-root": str(data_root.resolve()),
+        "device": "cpu",
+    }
+
+
 def variant_overrides(device: str, assignments: Sequence[str]) -> dict[str, Any]:
     """The run-config overrides of a suite variant: ``--set KEY=VALUE`` pairs, and the device
     unless it is the CPU the suite's own records are made on. A device this machine lacks
@@ -695,8 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         " records are the full suite's, reused when the whole suite runs",
     )
     args = parser.parse_args(argv)
-    base = pyproject_defaults(PYPROJECT)
-    base.update({"data-root": str(Path(args.data_root).resolve())})
+    base = suite_base(Path(args.data_root))
     try:
         overrides = variant_overrides(args.device, args.set)
     except (ConfigError, RuntimeError) as error:

@@ -279,8 +279,10 @@ def test_a_bad_override_stops_the_suite_before_any_cell_naming_it(
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
 
 
-def test_a_device_other_than_the_cpu_is_a_variant_of_the_suite() -> None:
-    from benchmarks import variant_overrides
+def test_a_device_other_than_the_cpu_is_a_variant_of_the_suite(tmp_path) -> None:
+    from benchmarks import suite_base, variant_overrides
+
+    assert suite_base(tmp_path)["device"] == "cpu"  # not the pyproject's "auto"
 
     assert variant_overrides("cpu", ["kd-steps=1500"]) == {"kd-steps": 1500}
     if torch.cuda.is_available():
