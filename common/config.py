@@ -244,8 +244,9 @@ class RunConfig(BaseModel):
     def kd_rounds(self) -> list[int]:
         """The rounds after which the server distills: ``kd-round``, then every ``kd-every``
         rounds to the last (``kd-every = 0``: once, the released code's schedule). Repeating
-        it keeps the global model on the teacher of the current client models instead of
-        letting fine-tuning under skew wash the one distillation out."""
+        it distills the teacher of the current client models each time, instead of leaving the
+        global model to FedAvg fine-tuning after one distillation (docs/results.md measures
+        both; the default stays once)."""
         if self.kd_every == 0:
             return [self.kd_round]
         return list(range(self.kd_round, self.num_rounds + 1, self.kd_every))
