@@ -8,6 +8,7 @@ from torch import nn
 
 from common.models import Generator, GeneratorSpec
 from server_app.distill import distill, jensen_shannon, kd_loss
+from tests.devices import DEVICES
 
 
 def _js(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -112,12 +113,7 @@ def _agreement_and_loss(
     return (s.argmax(1) == t.argmax(1)).float().mean().item(), kd_loss(s, t).item()
 
 
-CUDA = pytest.param(
-    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-)
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", DEVICES)
 def test_distill_reduces_loss_and_raises_agreement(device) -> None:
     teacher, student, generators = _tiny_problem()
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from common.models import build_classifier
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import ExpertEnsemble, ProbabilityMixture, build_experts, label_share_weights
+from tests.devices import DEVICES
 
 
 def _one_reliable_expert(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +40,7 @@ def test_meta_model_without_prior_outputs_class_logits() -> None:
         meta(torch.randn(4, 2, 2))
 
 
-CUDA = pytest.param(
-    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-)
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", DEVICES)
 def test_training_learns_which_expert_to_trust(device) -> None:
     inputs, targets = _one_reliable_expert(400)
     meta = MetaModel(3, 4, dim_feedforward=64)
