@@ -380,6 +380,10 @@ def _write_json(path: Path, payload: Any) -> None:
 # app behaves as it did before the key existed: a record that lacks the key ran with it.
 ADDED_KEYS: dict[str, Any] = {"kd-every": 0}
 
+# Run-config keys that say where a run reads and writes, not what it computes: they differ
+# between clones (absolute paths), and records are committed so that every clone reuses them.
+PLACE_KEYS = frozenset({"data-root", "results-dir"})
+
 
 def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The keys whose value differs between a record's config and ``current`` (compared as
@@ -388,7 +392,7 @@ def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> li
     number under a config that did not produce it."""
     current = json.loads(json.dumps(dict(current), sort_keys=True, default=str))
     recorded = {**ADDED_KEYS, **recorded}
-    unread = UNREAD_KEYS.get(current.get("strategy", ""), frozenset())
+    unread = UNREAD_KEYS.get(current.get("strategy", ""), frozenset()) | PLACE_KEYS
     return sorted(
         k
         for k in recorded.keys() | current.keys()

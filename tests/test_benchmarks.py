@@ -137,6 +137,15 @@ def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> Non
     assert _changed_keys(old, {**old, "kd-every": 0, "new-key": 1}) == ["new-key"]
 
 
+def test_a_record_made_in_another_clone_is_current() -> None:
+    from benchmarks import _changed_keys
+
+    here = {"strategy": "fedavg", "data-root": "/a/data", "results-dir": "/a/benchmarks/runs"}
+    there = {**here, "data-root": "/b/data", "results-dir": "/b/benchmarks/runs"}
+    assert _changed_keys(there, here) == []
+    assert _changed_keys({**there, "lr": 0.1}, {**here, "lr": 0.01}) == ["lr"]
+
+
 def test_a_key_the_strategy_does_not_read_leaves_its_record_current(base, tmp_path) -> None:
     runner = CountingRunner()
     suite = Suite("test", CELLS[:1], SIZES)
