@@ -43,6 +43,7 @@ DISTILLATION_KEYS: frozenset[str] = frozenset(
         "kd-beta",
         "kd-temperature",
         "kd-generator-weighting",
+        "kd-proximal-mu",
     }
 )
 META_KEYS: frozenset[str] = frozenset(
@@ -189,6 +190,7 @@ class RunConfig(BaseModel):
     kd_beta: float = Field(ge=0)
     kd_temperature: float = Field(gt=0)
     kd_generator_weighting: GeneratorWeighting
+    kd_proximal_mu: float = Field(ge=0)  # pull of the student back to the FedAvg model
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
     dense_lambda_bn: float = Field(ge=0)  # BatchNorm-statistics term, over the client models
     dense_lambda_adv: float = Field(ge=0)  # student-teacher disagreement term

@@ -121,6 +121,11 @@ def _sample(generator: Generator, n: int, rng: torch.Generator) -> Tensor:
     return generator(latents)
 
 
+def _squared_distance(parameters: Sequence[Tensor], anchor: Sequence[Tensor]) -> Tensor:
+    """``||w - w_0||^2`` over every parameter tensor."""
+    return sum((p - a).pow(2).sum() for p, a in zip(parameters, anchor, strict=True))
+
+
 def _share_agreeing(matches: Iterable[Tensor]) -> float:
     return torch.cat(list(matches)).float().mean().item()
 
@@ -149,6 +154,7 @@ def distill(
     beta: float = 1.0,
     temperature: float = 1.0,
     generator_weights: Sequence[float] | None = None,
+    proximal_mu: float = 0.0,
     device: torch.device | str,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -165,6 +171,14 @@ def distill(
 
     Parameters
     ----------
+    proximal_mu
+        Weight of ``mu/2 ||w - w_0||^2``, a pull of the student's parameters back to where
+        distillation started (the FedAvg aggregate). Without it the student ends where client
+        training from it is a poor FedAvg step: measured on a captured multi-round state
+        (FashionMNIST, alpha 0.1), 300 unanchored Adam steps moved the 3136x128 dense layer by
+        35% of its norm, and one FedAvg round from there lost 12 points (71.1 -> 59.0) where
+        the undistilled model gained 10; the pull keeps the student near the point FedAvg's
+        clients were already agreeing on.
     generator_weights
         Optional per-generator weights (client sizes, class coverage): each generator's samples
         weigh in the loss in proportion. ``None`` weighs every generator equally, as the
@@ -176,8 +190,11 @@ def distill(
     """
     if steps == 0:
         return DistillResult(0, math.nan, math.nan, math.nan, 0.0)
-    if steps < 0 or batch_per_generator < 1 or not generators:
-        raise ValueError("need steps >= 0, batch_per_generator >= 1 and at least one generator")
+    if steps < 0 or batch_per_generator < 1 or not generators or proximal_mu < 0:
+        raise ValueError(
+            "need steps >= 0, batch_per_generator >= 1, proximal_mu >= 0 and at least one"
+            " generator"
+        )
     start = time.perf_counter()
     student.to(device)
     teacher.to(device).eval()
@@ -185,7 +202,9 @@ def distill(
         g.to(device)
     weights = _normalised_weights(generator_weights, len(generators), device)
     sample_weights = None if weights is None else weights.repeat_interleave(batch_per_generator)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    parameters = list(student.parameters())
+    anchor = [p.detach().clone() for p in parameters] if proximal_mu > 0 else None
+    optimizer = torch.optim.Adam(parameters, lr=lr)
     rng = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
     agreements: deque[Tensor] = deque(maxlen=50)  # per-sample argmax matches, last 50 steps
@@ -204,6 +223,8 @@ def distill(
                 temperature=temperature,
                 sample_weights=sample_weights,
             )
+            if anchor is not None:
+                loss = loss + 0.5 * proximal_mu * _squared_distance(parameters, anchor)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

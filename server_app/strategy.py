@@ -499,6 +499,7 @@ class MosaicStrategy(CheckedFedAvg):
             beta=cfg.kd_beta,
             temperature=cfg.kd_temperature,
             generator_weights=weights,
+            proximal_mu=cfg.kd_proximal_mu,
             device=self.device,
             seed=cfg.seed,
             progress=lambda line: log(INFO, "Mosaic distillation: %s", line),

@@ -112,6 +112,7 @@ def test_int_is_accepted_for_a_float_key(defaults) -> None:
         ("run-name", "a/b"),
         ("partitioning", "random"),
         ("kd-generator-weighting", "loss"),
+        ("kd-proximal-mu", -0.5),
     ],
 )
 def test_out_of_range_value_is_named(defaults, key, value) -> None:

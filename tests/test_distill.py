@@ -1,5 +1,6 @@
 """Distillation loss (KL + hard-label CE + true JS) and the distillation loop."""
 
+import copy
 import math
 
 import pytest
@@ -155,6 +156,32 @@ def test_distill_reduces_loss_and_raises_agreement(device) -> None:
         assert not g.training
         for name, value in g.state_dict().items():
             torch.testing.assert_close(value, saved[name])
+
+
+def _distance(model: nn.Module, start: list[torch.Tensor]) -> float:
+    return sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), start)).sqrt().item()
+
+
+def test_proximal_pull_keeps_the_student_near_its_start_and_still_distills() -> None:
+    teacher, student, generators = _tiny_problem()
+    start = [p.detach().clone() for p in student.parameters()]
+    with torch.no_grad():
+        images = torch.cat([g.train()(torch.randn(128, 8)) for g in generators])
+    _, loss_before = _agreement_and_loss(student, teacher, images)
+    moved = {}
+    for mu in (0.0, 1.0, 100.0):
+        trained = copy.deepcopy(student)
+        distill(trained, teacher, generators, to_input=lambda x: x, steps=100, lr=1e-2,
+                proximal_mu=mu, device="cpu")  # fmt: skip
+        moved[mu] = _distance(trained, start)
+        if mu == 1.0:
+            assert _agreement_and_loss(trained, teacher, images)[1] < loss_before
+
+    assert moved[100.0] < moved[1.0] < moved[0.0]
+    assert moved[100.0] < 0.2 * moved[0.0]
+    with pytest.raises(ValueError, match="proximal_mu"):
+        distill(student, teacher, generators, to_input=lambda x: x, steps=1,
+                proximal_mu=-1.0, device="cpu")  # fmt: skip
 
 
 def test_distill_restores_student_modes_and_checks_generator_weights() -> None:
