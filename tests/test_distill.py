@@ -159,7 +159,11 @@ def test_distill_reduces_loss_and_raises_agreement(device) -> None:
 
 
 def _distance(model: nn.Module, start: list[torch.Tensor]) -> float:
-    return sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), start)).sqrt().item()
+    return (
+        sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), start, strict=True))
+        .sqrt()
+        .item()
+    )
 
 
 def test_proximal_pull_keeps_the_student_near_its_start_and_still_distills() -> None:
