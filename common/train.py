@@ -5,11 +5,12 @@ Nothing here knows about Flower: the apps translate messages into these calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from common.models import Classifier
 
@@ -33,6 +34,12 @@ class LocalTrainResult:
 
     mean_loss: float
     samples_seen: int
+
+
+def squared_distance(parameters: Iterable[Tensor], anchor: Iterable[Tensor]) -> Tensor:
+    """``||w - w_0||^2`` summed over parameter tensors: the proximal term of FedProx's local
+    training and of the server's pulled distillation (``kd-proximal-mu``)."""
+    return sum((p - a).pow(2).sum() for p, a in zip(parameters, anchor, strict=True))
 
 
 def train_local(
@@ -67,10 +74,7 @@ def train_local(
         x, y = images[index].to(device), labels[index].to(device)
         loss = F.cross_entropy(model(x), y)
         if anchor is not None:
-            drift = sum(
-                (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-            )
-            loss = loss + 0.5 * proximal_mu * drift
+            loss = loss + 0.5 * proximal_mu * squared_distance(model.parameters(), anchor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

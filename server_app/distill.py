@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.models import Generator
+from common.train import squared_distance
 
 
 def jensen_shannon(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -121,11 +122,6 @@ def _sample(generator: Generator, n: int, rng: torch.Generator) -> Tensor:
     return generator(latents)
 
 
-def _squared_distance(parameters: Sequence[Tensor], anchor: Sequence[Tensor]) -> Tensor:
-    """``||w - w_0||^2`` over every parameter tensor."""
-    return sum((p - a).pow(2).sum() for p, a in zip(parameters, anchor, strict=True))
-
-
 def _share_agreeing(matches: Iterable[Tensor]) -> float:
     return torch.cat(list(matches)).float().mean().item()
 
@@ -192,8 +188,7 @@ def distill(
         return DistillResult(0, math.nan, math.nan, math.nan, 0.0)
     if steps < 0 or batch_per_generator < 1 or not generators or proximal_mu < 0:
         raise ValueError(
-            "need steps >= 0, batch_per_generator >= 1, proximal_mu >= 0 and at least one"
-            " generator"
+            "need steps >= 0, batch_per_generator >= 1, proximal_mu >= 0 and at least one generator"
         )
     start = time.perf_counter()
     student.to(device)
@@ -224,7 +219,7 @@ def distill(
                 sample_weights=sample_weights,
             )
             if anchor is not None:
-                loss = loss + 0.5 * proximal_mu * _squared_distance(parameters, anchor)
+                loss = loss + 0.5 * proximal_mu * squared_distance(parameters, anchor)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

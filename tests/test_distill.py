@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from common.models import Generator, GeneratorSpec
+from common.train import squared_distance
 from server_app.distill import distill, jensen_shannon, kd_loss
 from tests.devices import DEVICES
 
@@ -159,11 +160,7 @@ def test_distill_reduces_loss_and_raises_agreement(device) -> None:
 
 
 def _distance(model: nn.Module, start: list[torch.Tensor]) -> float:
-    return (
-        sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), start, strict=True))
-        .sqrt()
-        .item()
-    )
+    return squared_distance(model.parameters(), start).sqrt().item()
 
 
 def test_proximal_pull_keeps_the_student_near_its_start_and_still_distills() -> None:
