@@ -130,11 +130,13 @@ def test_a_record_made_under_another_config_is_run_again(suite_run, base) -> Non
 def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> None:
     from benchmarks import ADDED_KEYS, _changed_keys
 
-    old = {"strategy": "mosaic", "kd-steps": 300}  # made before kd-every existed
-    assert ADDED_KEYS["kd-every"] == 0
-    assert _changed_keys(old, {**old, "kd-every": 0}) == []
-    assert _changed_keys(old, {**old, "kd-every": 1}) == ["kd-every"]
-    assert _changed_keys(old, {**old, "kd-every": 0, "new-key": 1}) == ["new-key"]
+    old = {"strategy": "mosaic", "kd-steps": 300}  # made before kd-every and kd-proximal-mu
+    assert ADDED_KEYS == {"kd-every": 0, "kd-proximal-mu": 0.0}
+    now = {**old, **ADDED_KEYS}
+    assert _changed_keys(old, now) == []
+    assert _changed_keys(old, {**now, "kd-every": 1}) == ["kd-every"]
+    assert _changed_keys(old, {**now, "kd-proximal-mu": 10.0}) == ["kd-proximal-mu"]
+    assert _changed_keys(old, {**now, "new-key": 1}) == ["new-key"]
 
 
 def test_a_record_made_in_another_clone_is_current() -> None:
