@@ -351,6 +351,7 @@ def run_cell(
         teacher_accuracy=kd.get("teacher-accuracy"),
         pre_kd_accuracy=kd.get("pre-kd-accuracy"),
         post_kd_accuracy=kd.get("post-kd-accuracy"),
+        distillations=distillations(rounds),
         phase_seconds=metrics.get("phase-seconds", {}),
         wall_seconds=round(time.perf_counter() - started, 1),
         bytes_per_client=_bytes_per_client(folder),
@@ -367,6 +368,20 @@ def run_cell(
             "computed": reply_cache.computed - before[1],
         }
     return record
+
+
+def distillations(rounds: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Teacher, pre-KD and post-KD accuracy of every round that distilled (``kd-every`` runs
+    distill after several rounds; the record's top-level figures are the kd-round's only)."""
+    return {
+        r: {
+            "teacher": values.get("teacher-accuracy"),
+            "pre_kd": values.get("pre-kd-accuracy"),
+            "post_kd": values.get("post-kd-accuracy"),
+        }
+        for r, values in sorted(rounds.items())
+        if "teacher-accuracy" in values
+    }
 
 
 def method_accuracy(record: Mapping[str, Any]) -> float | None:

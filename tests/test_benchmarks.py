@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import ALL_STRATEGIES, UNREAD_KEYS, Cell, Suite, render_table, run_suite
+from benchmarks import (
+    ALL_STRATEGIES,
+    UNREAD_KEYS,
+    Cell,
+    Suite,
+    render_table,
+    run_cell,
+    run_suite,
+)
 from server_app.inprocess import run_inprocess
 from tests.fakedata import OTHER_VALUES, TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
 
@@ -70,6 +78,27 @@ def test_suite_writes_one_record_per_cell(suite_run) -> None:
         assert (record["peak_gpu_mb"] is None) == (record["hardware"]["gpu"] is None)
     label_share = json.loads((out / "cells" / f"{CELLS[1].key}.json").read_text())
     assert label_share["teacher_accuracy"] is not None
+
+
+def test_a_record_holds_every_distillation_of_a_kd_every_run(base, tmp_path) -> None:
+    cell = Cell("fashion-mnist", 1.0, 2, "multi-round", "mosaic-no-meta", 0)
+    config = {
+        **base,
+        "strategy": cell.strategy,
+        "num-rounds": 3,
+        "kd-round": 1,
+        "kd-every": 1,
+        "results-dir": str(tmp_path),
+        "run-name": cell.key,
+    }
+    record = run_cell(cell, config, tmp_path, run_inprocess)
+    assert record["status"] == "ok", record.get("traceback")
+    assert sorted(record["distillations"]) == [1, 2, 3]
+    for figures in record["distillations"].values():
+        assert all(0.0 <= figures[k] <= 1.0 for k in ("teacher", "pre_kd", "post_kd"))
+    # The top-level figures stay the kd-round's; the round's own result is post-KD.
+    assert record["teacher_accuracy"] == record["distillations"][1]["teacher"]
+    assert record["accuracy_per_round"][3] == record["distillations"][3]["post_kd"]
 
 
 def test_recorded_cells_are_reused_unless_forced(suite_run, base) -> None:
