@@ -342,16 +342,17 @@ def run_cell(
     metrics = json.loads((folder / "metrics.json").read_text())
     rounds = {int(r): values for r, values in metrics["rounds"].items()}
     last = rounds[max(rounds)]
-    kd = rounds.get(int(config["kd-round"]), {})
+    distilled = distillations(rounds)
+    kd = distilled.get(int(config["kd-round"]), {})
     label_counts_path = folder / "label_counts.json"
     record.update(
         status="ok",
         final_accuracy=last.get("accuracy"),
         accuracy_per_round={r: v.get("accuracy") for r, v in sorted(rounds.items())},
-        teacher_accuracy=kd.get("teacher-accuracy"),
-        pre_kd_accuracy=kd.get("pre-kd-accuracy"),
-        post_kd_accuracy=kd.get("post-kd-accuracy"),
-        distillations=distillations(rounds),
+        teacher_accuracy=kd.get("teacher"),
+        pre_kd_accuracy=kd.get("pre_kd"),
+        post_kd_accuracy=kd.get("post_kd"),
+        distillations=distilled,
         phase_seconds=metrics.get("phase-seconds", {}),
         wall_seconds=round(time.perf_counter() - started, 1),
         bytes_per_client=_bytes_per_client(folder),
