@@ -110,7 +110,7 @@ UNREAD_KEYS: dict[str, frozenset[str]] = {
     "dense": META_KEYS
     | _PROTOTYPES
     | _CLIENT_GENERATOR
-    | {"meta-prior", "kd-generator-weighting", "kd-proximal-mu", "proximal-mu"},
+    | {"meta-prior", "kd-generator-weighting", "kd-proximal-mu", "kd-ema", "proximal-mu"},
     "feddf": META_KEYS | _PROTOTYPES | DENSE_KEYS | {"meta-prior", "proximal-mu"},
     "mosaic-no-meta": META_KEYS | _PROTOTYPES | DENSE_KEYS | {"proximal-mu"},
     "mosaic": DENSE_KEYS | {"proximal-mu"},
@@ -402,7 +402,7 @@ def _write_json(path: Path, payload: Any) -> None:
 
 # Run-config keys added after records were first made, each with the value under which the
 # app behaves as it did before the key existed: a record that lacks the key ran with it.
-ADDED_KEYS: dict[str, Any] = {"kd-every": 0, "kd-proximal-mu": 0.0}
+ADDED_KEYS: dict[str, Any] = {"kd-every": 0, "kd-proximal-mu": 0.0, "kd-ema": 0.0}
 
 # Run-config keys that say where a run reads and writes, not what it computes: they differ
 # between clones (absolute paths), and records are committed so that every clone reuses them.

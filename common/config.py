@@ -44,6 +44,7 @@ DISTILLATION_KEYS: frozenset[str] = frozenset(
         "kd-temperature",
         "kd-generator-weighting",
         "kd-proximal-mu",
+        "kd-ema",
     }
 )
 META_KEYS: frozenset[str] = frozenset(
@@ -191,6 +192,7 @@ class RunConfig(BaseModel):
     kd_temperature: float = Field(gt=0)
     kd_generator_weighting: GeneratorWeighting
     kd_proximal_mu: float = Field(ge=0)  # pull of the student back to the FedAvg model
+    kd_ema: float = Field(ge=0, lt=1)  # 0 = last iterate; else EMA of the student's weights
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
     dense_lambda_bn: float = Field(ge=0)  # BatchNorm-statistics term, over the client models
     dense_lambda_adv: float = Field(ge=0)  # student-teacher disagreement term

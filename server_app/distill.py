@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.models import Generator
 from common.train import squared_distance
@@ -151,6 +152,7 @@ def distill(
     temperature: float = 1.0,
     generator_weights: Sequence[float] | None = None,
     proximal_mu: float = 0.0,
+    ema: float = 0.0,
     device: torch.device | str,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -175,6 +177,13 @@ def distill(
         35% of its norm, and one FedAvg round from there lost 12 points (71.1 -> 59.0) where
         the undistilled model gained 10; the pull keeps the student near the point FedAvg's
         clients were already agreeing on.
+    ema
+        With ``ema > 0`` the student ends as the exponential moving average (that decay per
+        step, ``torch.optim.swa_utils``) of its weights over the steps instead of the last
+        iterate; its BatchNorm statistics are frozen anyway. On generator samples the last
+        iterate drifts as steps go on: measured on a captured one-shot MNIST state (alpha 0.1,
+        seed 2, teacher 96.29), 300 / 600 / 1500 steps gave 94.84 / 93.85 / 92.37, the
+        average at 0.998 96.27 / 96.42 / 95.95. The agreement reported is the last iterate's.
     generator_weights
         Optional per-generator weights (client sizes, class coverage): each generator's samples
         weigh in the loss in proportion. ``None`` weighs every generator equally, as the
@@ -190,6 +199,8 @@ def distill(
         raise ValueError(
             "need steps >= 0, batch_per_generator >= 1, proximal_mu >= 0 and at least one generator"
         )
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must lie in [0, 1), got {ema}")
     start = time.perf_counter()
     student.to(device)
     teacher.to(device).eval()
@@ -200,6 +211,7 @@ def distill(
     parameters = list(student.parameters())
     anchor = [p.detach().clone() for p in parameters] if proximal_mu > 0 else None
     optimizer = torch.optim.Adam(parameters, lr=lr)
+    average = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
     rng = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
     agreements: deque[Tensor] = deque(maxlen=50)  # per-sample argmax matches, last 50 steps
@@ -223,6 +235,8 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update_parameters(student)
             losses.append(loss.item())
             agreements.append(student_logits.argmax(1) == teacher_logits.argmax(1))
             if progress is not None and (step % log_every == 0 or step == steps):
@@ -231,6 +245,10 @@ def distill(
                     f"distill step {step}/{steps}: loss {losses[-1]:.4f},"
                     f" agreement (last {len(agreements)} steps) {agreement:.3f}"
                 )
+    if average is not None:
+        with torch.no_grad():
+            for parameter, averaged in zip(parameters, average.module.parameters(), strict=True):
+                parameter.copy_(averaged)
     return DistillResult(
         steps=steps,
         final_loss=losses[-1],

@@ -500,6 +500,7 @@ class MosaicStrategy(CheckedFedAvg):
             temperature=cfg.kd_temperature,
             generator_weights=weights,
             proximal_mu=cfg.kd_proximal_mu,
+            ema=cfg.kd_ema,
             device=self.device,
             seed=cfg.seed,
             progress=lambda line: log(INFO, "Mosaic distillation: %s", line),

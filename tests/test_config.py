@@ -113,6 +113,7 @@ def test_int_is_accepted_for_a_float_key(defaults) -> None:
         ("partitioning", "random"),
         ("kd-generator-weighting", "loss"),
         ("kd-proximal-mu", -0.5),
+        ("kd-ema", 1.0),
     ],
 )
 def test_out_of_range_value_is_named(defaults, key, value) -> None:

@@ -217,3 +217,38 @@ def test_zero_steps_return_immediately_and_leave_student_alone() -> None:
     assert result.steps == 0
     for name, value in student.state_dict().items():
         torch.testing.assert_close(value, before[name])
+
+
+def test_ema_student_is_the_moving_average_of_the_iterates() -> None:
+    """Step 1's weights, then ``decay * w1 + (1 - decay) * w2``: the iterates of a plain run
+    with the same seed, so the average is of this run's own trajectory, not a later copy."""
+    teacher, student, generators = _tiny_problem()
+    decay = 0.75
+
+    def run(steps: int, ema: float) -> list[torch.Tensor]:
+        trained = copy.deepcopy(student)
+        distill(trained, teacher, generators, to_input=lambda x: x, steps=steps, lr=1e-2,
+                ema=ema, device="cpu", seed=3)  # fmt: skip
+        return [p.detach() for p in trained.parameters()]
+
+    first, second = run(1, 0.0), run(2, 0.0)
+    for averaged, w1 in zip(run(1, decay), first, strict=True):
+        torch.testing.assert_close(averaged, w1)
+    for averaged, w1, w2 in zip(run(2, decay), first, second, strict=True):
+        torch.testing.assert_close(averaged, decay * w1 + (1 - decay) * w2)
+    assert any(not torch.equal(a, b) for a, b in zip(run(2, decay), second, strict=True))
+
+    # Over a longer run the average still distills, and trails the last iterate.
+    with torch.no_grad():
+        images = torch.cat([g.train()(torch.randn(128, 8)) for g in generators])
+    _, loss_before = _agreement_and_loss(student, teacher, images)
+    start = [p.detach().clone() for p in student.parameters()]
+    last, averaged = copy.deepcopy(student), copy.deepcopy(student)
+    distill(last, teacher, generators, to_input=lambda x: x, steps=60, lr=1e-2, device="cpu")
+    distill(averaged, teacher, generators, to_input=lambda x: x, steps=60, lr=1e-2, ema=0.9,
+            device="cpu")  # fmt: skip
+    assert _agreement_and_loss(averaged, teacher, images)[1] < loss_before
+    assert _distance(averaged, start) < _distance(last, start)
+    with pytest.raises(ValueError, match="ema"):
+        distill(student, teacher, generators, to_input=lambda x: x, steps=1, ema=1.0,
+                device="cpu")  # fmt: skip
