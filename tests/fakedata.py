@@ -119,7 +119,7 @@ OTHER_VALUES: dict[str, Any] = {
     "kd-temperature": 2.0,
     "kd-generator-weighting": "size",
     "kd-proximal-mu": 0.3,
-    "kd-ema": 0.0,
+    "kd-ema": 0.9,
     "dense-lambda-bn": 0.5,
     "dense-lambda-adv": 0.5,
     "proximal-mu": 0.5,
