@@ -75,6 +75,7 @@ def test_suite_writes_one_record_per_cell(suite_run) -> None:
         assert record["bytes_per_client"]["uplink"] > 0
         assert record["peak_rss_mb"] > 0
         assert record["hardware"]["cpus"] >= 1
+        assert record["hardware"]["torch_threads"] >= 1
         assert (record["peak_gpu_mb"] is None) == (record["hardware"]["gpu"] is None)
     label_share = json.loads((out / "cells" / f"{CELLS[1].key}.json").read_text())
     assert label_share["teacher_accuracy"] is not None
