@@ -548,7 +548,7 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
         "would send again). Uplink is the mean total bytes a client sent over the run."
     )
     if suite_name:
-        lines += ["", render_targets(records, suite_name, method_accuracy).rstrip()]
+        lines += ["", render_targets(records, suite_name, method_accuracy, TEACHER_ONLY).rstrip()]
     published = render_published(records, method_accuracy)
     if published:
         lines += ["", published.rstrip()]

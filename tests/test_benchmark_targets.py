@@ -1,7 +1,7 @@
 """The issue's targets as the benchmark reports them (benchmarks/targets.py), on hand-made
 records: each verdict must follow the figures, both ways."""
 
-from benchmarks import Cell, method_accuracy
+from benchmarks import TEACHER_ONLY, Cell, method_accuracy
 from benchmarks.targets import (
     multi_round_verdict,
     one_shot_verdicts,
@@ -67,6 +67,21 @@ def test_one_shot_targets_missed_name_the_row_above_and_the_gap() -> None:
     assert by_target(verdicts, "teacher reaches").status == "missed"
     within = by_target(verdicts, "within 5 points")
     assert within.status == "missed" and "+18.00 below" in within.measured
+
+
+def test_rows_above_mosaic_that_are_teachers_are_marked() -> None:
+    records = [
+        record("mosaic", 0, 0.83, teacher=0.88),
+        record("feddf", 0, 0.79),
+        record("label-share", 0, 0.68, teacher=0.88),
+    ]
+    above = by_target(one_shot_verdicts(records, method_accuracy, TEACHER_ONLY), "above every")
+    assert above.status == "missed"  # the issue counts every row, teachers too
+    assert "label-share 88.00 > 83.00 (teacher, not distilled)" in above.measured
+    assert above.measured.endswith("; no global model above")
+    records[1] = record("feddf", 0, 0.85)
+    above = by_target(one_shot_verdicts(records, method_accuracy, TEACHER_ONLY), "above every")
+    assert "feddf 85.00 > 83.00;" in above.measured and "no global model" not in above.measured
 
 
 def test_comparisons_are_paired_by_seed() -> None:
