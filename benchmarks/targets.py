@@ -112,18 +112,18 @@ def one_shot_verdicts(
         strategies = sorted({r["cell"]["strategy"] for r in records} - {"mosaic"})
         rivals = {s: _ok(records, strategy=s, **setting) for s in strategies}
         others = {s: runs for s, runs in rivals.items() if runs}
-        above, tied, above_names = [], [], set()
+        above: dict[str, str] = {}  # rival -> "name acc > ours"
+        tied = []
         for other, runs in others.items():
             pair = _paired(mosaic, runs, final, method_accuracy)
             if pair and pair[2] > pair[1] + 1e-6:
                 kind = " (teacher, not distilled)" if other in teacher_only else ""
-                above.append(f"{other} {pair[2]:.2f} > {pair[1]:.2f}{kind}")
-                above_names.add(other)
+                above[other] = f"{other} {pair[2]:.2f} > {pair[1]:.2f}{kind}"
             elif pair and pair[2] >= pair[1] - 1e-6:
                 tied.append(f"{other} {pair[2]:.2f}")
         if mosaic and others:
-            measured = "; ".join(above) if above else f"none of {len(others)} others above"
-            if above and set(others) - teacher_only and above_names <= teacher_only:
+            measured = "; ".join(above.values()) if above else f"none of {len(others)} others above"
+            if above and set(others) - teacher_only and set(above) <= teacher_only:
                 measured += "; no global model above"
             if tied:
                 measured += f" (tied: {', '.join(tied)})"
