@@ -1,4 +1,4 @@
-"""The benchmark harness (benchmarks/__init__.py) on tiny fake data."""
+"""The benchmark harness (benchmarks/: suites, runs, records, the table) on tiny fake data."""
 
 import json
 from pathlib import Path
