@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks.published import render_published
 from benchmarks.suites import ALL_STRATEGIES, TEACHER_ONLY, Cell
-from benchmarks.targets import render_targets
+from benchmarks.targets import render_standing, render_targets
 
 
 def method_accuracy(record: Mapping[str, Any]) -> float | None:
@@ -67,6 +67,9 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
     )
     if suite_name:
         lines += ["", render_targets(records, suite_name, method_accuracy, TEACHER_ONLY).rstrip()]
+    standing = render_standing(records, method_accuracy, TEACHER_ONLY)
+    if standing:
+        lines += ["", standing.rstrip()]
     published = render_published(records, method_accuracy)
     if published:
         lines += ["", published.rstrip()]

@@ -6,6 +6,7 @@ from benchmarks.targets import (
     multi_round_verdict,
     one_shot_verdicts,
     quick_suite_verdict,
+    render_standing,
     render_targets,
 )
 
@@ -18,10 +19,11 @@ def record(
     dataset: str = "fashion-mnist",
     protocol: str = "one-shot",
     per_round: dict[int, float] | None = None,
+    alpha: float = 0.1,
 ) -> dict:
     clients = 5 if protocol == "one-shot" else 10
     return {
-        "cell": vars(Cell(dataset, 0.1, clients, protocol, strategy, seed)),
+        "cell": vars(Cell(dataset, alpha, clients, protocol, strategy, seed)),
         "status": "ok",
         "config": {"kd-round": 5 if protocol == "multi-round" else 1},
         "final_accuracy": final,
@@ -119,3 +121,26 @@ def test_quick_suite_time_and_the_rendered_section() -> None:
     section = render_targets(records, "quick", method_accuracy)
     assert section.startswith("## Targets") and "| quick suite under 20 minutes |" in section
     assert "multi-round" in render_targets(records, "full", method_accuracy)
+
+
+def test_standing_names_the_best_other_row_per_setting_paired_by_seed() -> None:
+    records = [
+        record("mosaic", 0, 0.80, teacher=0.85),
+        record("mosaic", 1, 0.70, teacher=0.85),
+        record("mosaic-no-meta", 0, 0.80),  # the same run: a tie, left out
+        record("feddf", 0, 0.75),
+        record("feddf", 1, 0.60),
+        record("fedavg", 0, 0.78),  # one seed: paired with Mosaic's seed 0 only
+        record("label-share", 0, 0.50, teacher=0.85),
+        record("label-share", 1, 0.50, teacher=0.85),
+        record("mosaic", 0, 0.90, alpha=0.5),
+        record("fedavg", 0, 0.92, alpha=0.5),
+    ]
+    lines = render_standing(records, method_accuracy, TEACHER_ONLY).splitlines()
+    rows = [line for line in lines if line.startswith("| one-shot")]
+    assert rows == [
+        "| one-shot fashion-mnist a=0.1 n=5 | 75.00 (2 seeds) | fedavg 78.00: +2.00 (1 seed) "
+        "| label-share 85.00: -10.00 (2 seeds) |",
+        "| one-shot fashion-mnist a=0.5 n=5 | 90.00 (1 seed) | fedavg 92.00: -2.00 (1 seed) | - |",
+    ]
+    assert render_standing([record("fedavg", 0, 0.8)], method_accuracy, TEACHER_ONLY) == ""
