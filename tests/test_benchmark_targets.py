@@ -105,6 +105,11 @@ def test_multi_round_target_needs_the_lead_at_every_round_from_kd_on() -> None:
     ]
     met = multi_round_verdict(records)
     assert met.status == "met" and "round 6: 86.00 vs 80.00 (+6.00)" in met.measured
+    assert "teacher" not in met.measured  # no teacher figure recorded: none claimed
+    records[1]["teacher_accuracy"] = 0.77
+    assert "teacher at round 5: 77.00 vs FedAvg's model 75.00 (+2.00)" in (
+        multi_round_verdict(records).measured
+    )
     records[1] = record(
         "mosaic", 0, 0.86, protocol="multi-round", per_round={4: 0.70, 5: 0.78, 6: 0.86}
     )
