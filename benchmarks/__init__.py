@@ -253,7 +253,12 @@ def _write_json(path: Path, payload: Any) -> None:
 
 # Run-config keys added after records were first made, each with the value under which the
 # app behaves as it did before the key existed: a record that lacks the key ran with it.
-ADDED_KEYS: dict[str, Any] = {"kd-every": 0, "kd-proximal-mu": 0.0, "kd-ema": 0.0}
+ADDED_KEYS: dict[str, Any] = {
+    "kd-every": 0,
+    "kd-proximal-mu": 0.0,
+    "kd-ema": 0.0,
+    "meta-features": "experts",
+}
 
 # Run-config keys that say where a run reads and writes, not what it computes: they differ
 # between clones (absolute paths), and records are committed so that every clone reuses them.

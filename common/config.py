@@ -48,7 +48,15 @@ DISTILLATION_KEYS: frozenset[str] = frozenset(
     }
 )
 META_KEYS: frozenset[str] = frozenset(
-    {"meta-epochs", "meta-lr", "meta-batch-size", "meta-val-fraction", "meta-patience", "meta-ema"}
+    {
+        "meta-epochs",
+        "meta-lr",
+        "meta-batch-size",
+        "meta-val-fraction",
+        "meta-patience",
+        "meta-ema",
+        "meta-features",
+    }
 )
 DENSE_KEYS: frozenset[str] = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
 # Run-config keys only the server reads: clients get what they need of the schedule (round,
@@ -87,6 +95,10 @@ GeneratorWeighting = Literal["uniform", "size", "coverage"]
 # What the meta model starts from (and reads as one more gate token): the label-share mixture
 # of the client models, the mean of the experts, or nothing (the released code).
 MetaPrior = Literal["label-share", "experts", "none"]
+# Where the trained meta model reads the experts on an image: every expert in full (the paper's
+# code), or every expert's head on the features of the global model the kd-round sent, the
+# feature space the prototypes it was trained on were taken in (docs/results.md, session 12).
+MetaFeatures = Literal["experts", "global"]
 FaultMode = Literal[
     "none",
     "nan-weights",
@@ -183,6 +195,7 @@ class RunConfig(BaseModel):
     meta_patience: int = Field(ge=1)
     meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
     meta_prior: MetaPrior  # start from this ensemble and learn a correction
+    meta_features: MetaFeatures  # what the experts' heads read on an image
     # --- distillation (server) --------------------------------------------------------------
     kd_steps: int = Field(ge=0)
     kd_batch_per_generator: int = Field(ge=1)
@@ -221,6 +234,11 @@ class RunConfig(BaseModel):
                 raise ValueError(
                     f"generator-round: {self.generator_round} is after kd-round {self.kd_round}"
                 )
+        if self.strategy == "mosaic" and self.meta_features == "global" and self.kd_round < 2:
+            raise ValueError(
+                "meta-features: 'global' reads the experts' heads on the features of the global "
+                "model sent in the kd-round, and at kd-round 1 that is the untrained initial model"
+            )
         if self.strategy == "mosaic-no-meta" and self.meta_prior == "none":
             raise ValueError(
                 "meta-prior: mosaic-no-meta's teacher is the prior alone, so it cannot be 'none'"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from common.models import Classifier
 from server_app.moe import ExpertEnsemble, ProbabilityMixture
 
 
@@ -263,13 +264,20 @@ class MosaicTeacher(nn.Module):
     """The distillation teacher: the meta model over the experts' logits on images.
 
     ``prior`` (the label-share mixture of the client models) runs beside the experts when the
-    meta model takes one from outside. The teacher stays in eval mode whatever ``train()`` is
-    called with: dropout in the meta model or batch statistics in the experts would make its
-    targets noisy.
+    meta model takes one from outside. With ``body`` (a classifier: the global model the
+    prototypes were taken under), experts and prior apply only their heads to
+    ``body.features(x)``, as they did to the prototypes the meta model was trained on; without
+    it every expert runs in full, as in the paper's code. The teacher stays in eval mode
+    whatever ``train()`` is called with: dropout in the meta model or batch statistics in the
+    experts would make its targets noisy.
     """
 
     def __init__(
-        self, ensemble: ExpertEnsemble, meta: MetaModel, prior: ProbabilityMixture | None = None
+        self,
+        ensemble: ExpertEnsemble,
+        meta: MetaModel,
+        prior: ProbabilityMixture | None = None,
+        body: Classifier | None = None,
     ) -> None:
         super().__init__()
         if prior is not None and not meta.prior:
@@ -282,10 +290,15 @@ class MosaicTeacher(nn.Module):
         self.ensemble = ensemble
         self.meta = meta
         self.prior = prior
+        self.body = None if body is None else body.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> MosaicTeacher:
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.meta(self.ensemble(x), None if self.prior is None else self.prior(x))
+        if self.body is None:
+            return self.meta(self.ensemble(x), None if self.prior is None else self.prior(x))
+        features = self.body.features(x)
+        prior = None if self.prior is None else self.prior.heads(features)
+        return self.meta(self.ensemble.heads(features), prior)

@@ -314,12 +314,20 @@ class MosaicStrategy(CheckedFedAvg):
         self.generators: dict[int, dict[str, torch.Tensor]] = {}  # partition id -> weights
         self.bank = PrototypeBank(max_rounds=cfg.proto_bank_rounds)
         self.meta_model: MetaModel | None = None
+        self.sent_arrays: ArrayRecord | None = None  # the global model of the current round
         # Built once, off the global RNG, so the server's randomness does not depend on how
         # many replies were validated.
         with torch.random.fork_rng():
             self._generator_signature = state_signature(
                 build_generator(self.generator_spec).state_dict()
             )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As FedAvg, remembering the model sent: the round's prototypes are features of it."""
+        self.sent_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
 
     def prototypes_expected(self, server_round: int) -> bool:
         return server_round in self.cfg.prototype_rounds
@@ -437,7 +445,16 @@ class MosaicStrategy(CheckedFedAvg):
         if prior is not None and not figures:  # figures hold the meta model's, once trained
             # An untrained meta model is its prior: skip running the experts on every KD step.
             return prior.eval(), figures
-        return MosaicTeacher(ensemble, meta, prior).to(self.device).eval(), figures
+        body = self._sent_model() if figures and cfg.meta_features == "global" else None
+        return MosaicTeacher(ensemble, meta, prior, body).to(self.device).eval(), figures
+
+    def _sent_model(self) -> Classifier:
+        """The global model this round's clients started from (``meta-features = global``)."""
+        if self.sent_arrays is None:
+            raise RuntimeError("meta-features 'global' needs the global model sent this round")
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(record_to_state(self.sent_arrays))
+        return model.eval()
 
     def client_models(self, states: list[dict[str, torch.Tensor]]) -> ExpertEnsemble:
         """The client models themselves, side by side (for the label-share and plain mixtures)."""

@@ -111,6 +111,7 @@ OTHER_VALUES: dict[str, Any] = {
     "meta-patience": 3,
     "meta-ema": 0.9,
     "meta-prior": "experts",
+    "meta-features": "global",
     "kd-steps": 11,
     "kd-batch-per-generator": 7,
     "kd-lr": 0.01,

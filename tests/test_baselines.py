@@ -13,6 +13,7 @@ from torch import nn
 from common.config import Strategy, parse_run_config, pyproject_defaults
 from common.data import dataset_info
 from common.models import build_classifier
+from common.records import state_to_record
 from server_app.app import STRATEGIES, phase_seconds
 from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
 from server_app.strategy import RoundLog
@@ -165,3 +166,34 @@ def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
 
     torch.testing.assert_close(no_meta.log_softmax(1), label_share.log_softmax(1))
     assert not torch.allclose(experts_mean.log_softmax(1), label_share.log_softmax(1))
+
+
+def test_mosaic_global_features_teacher_reads_the_model_sent_this_round() -> None:
+    """``meta-features = global``: the trained meta model's teacher runs the experts' heads on
+    the body of the global model sent in the kd-round (the prototypes' feature space)."""
+    torch.manual_seed(0)
+    overrides = {"model-width": 0.25, "meta-epochs": 1, "meta-features": "global"}
+    cfg = parse_run_config({**pyproject_defaults(), "strategy": "mosaic", **overrides})
+    info = dataset_info(cfg.dataset)
+    template = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
+    )
+    mosaic = STRATEGIES["mosaic"](
+        cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
+    )
+    states = [template.state_dict(), {k: v + 0.01 for k, v in template.state_dict().items()}]
+    counts = np.array([[30, 0] + [3] * 8, [0, 30] + [3] * 8])
+    features = torch.randn(40, template.feature_dim)
+    mosaic.bank.add(cfg.kd_round, features, torch.arange(40) % info.num_classes)
+    with pytest.raises(RuntimeError, match="sent this round"):
+        mosaic.build_teacher(states, counts)
+
+    sent = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
+    )
+    mosaic.sent_arrays = state_to_record(sent.state_dict())
+    teacher, figures = mosaic.build_teacher(states, counts)
+
+    assert "meta-val-accuracy" in figures and teacher.body is not None
+    for key, tensor in sent.state_dict().items():
+        assert torch.equal(teacher.body.state_dict()[key], tensor), key

@@ -161,11 +161,17 @@ def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> Non
     from benchmarks import ADDED_KEYS, _changed_keys
 
     old = {"strategy": "mosaic", "kd-steps": 300}  # made before kd-every and kd-proximal-mu
-    assert ADDED_KEYS == {"kd-every": 0, "kd-proximal-mu": 0.0, "kd-ema": 0.0}
+    assert ADDED_KEYS == {
+        "kd-every": 0,
+        "kd-proximal-mu": 0.0,
+        "kd-ema": 0.0,
+        "meta-features": "experts",
+    }
     now = {**old, **ADDED_KEYS}
     assert _changed_keys(old, now) == []
     assert _changed_keys(old, {**now, "kd-every": 1}) == ["kd-every"]
     assert _changed_keys(old, {**now, "kd-proximal-mu": 10.0}) == ["kd-proximal-mu"]
+    assert _changed_keys(old, {**now, "meta-features": "global"}) == ["meta-features"]
     assert _changed_keys(old, {**now, "new-key": 1}) == ["new-key"]
 
 

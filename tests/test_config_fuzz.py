@@ -134,6 +134,8 @@ def valid_configs(draw) -> dict[str, Any]:
     values["min-replies"] = draw(st.integers(1, values["min-nodes"]))
     if values["strategy"] == "mosaic-no-meta" and values["meta-prior"] == "none":
         values["meta-prior"] = draw(st.sampled_from(["label-share", "experts"]))
+    if values["strategy"] == "mosaic" and values["kd-round"] < 2:
+        values["meta-features"] = "experts"
     if values["fault-mode"] != "none":
         values["fault-partition"] = draw(st.integers(0, UNBOUNDED))
     if values["resume"] and not values["run-name"]:
@@ -187,6 +189,16 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
     ),
     ("resume", lambda draw, v: {"resume": True, "run-name": ""}),
     ("meta-prior", lambda draw, v: {"strategy": "mosaic-no-meta", "meta-prior": "none"}),
+    (
+        "meta-features",
+        lambda draw, v: {
+            "strategy": "mosaic",
+            "meta-features": "global",
+            "kd-round": 1,
+            "proto-start-round": 1,
+            "generator-round": draw(st.integers(0, 1)),
+        },
+    ),
 ]
 
 

@@ -163,3 +163,29 @@ def test_teacher_adds_the_label_share_prior_of_the_client_models() -> None:
     torch.testing.assert_close(teacher(x), prior(x).log_softmax(1))  # untrained: the prior
     with pytest.raises(ValueError, match="without one"):
         MosaicTeacher(ensemble, MetaModel(3, 4, prior=False), prior)
+
+
+def test_teacher_on_a_global_body_reads_heads_on_its_features_as_on_prototypes() -> None:
+    """``meta-features = global``: on an image, experts and prior apply only their heads to the
+    global model's features, exactly as the meta model saw prototypes (features) in training."""
+    torch.manual_seed(0)
+    model = build_classifier("cnn", num_classes=4, in_shape=(1, 8, 8), width=0.25).eval()
+    counts = np.array([[1, 2, 0, 3], [4, 0, 0, 1]])
+    states = [model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()}]
+    ensemble = ExpertEnsemble(model, build_experts(states, counts))
+    prior = ProbabilityMixture(
+        ExpertEnsemble(model, dict(enumerate(states))), label_share_weights(counts)
+    )
+    meta = MetaModel(num_experts=3, num_classes=4, dim_feedforward=16)
+    torch.nn.init.normal_(meta.out.weight)  # a trained meta model: not just its prior
+    body = build_classifier("cnn", num_classes=4, in_shape=(1, 8, 8), width=0.25)
+    x = torch.randn(2, 1, 8, 8)
+
+    teacher = MosaicTeacher(ensemble, meta, prior, body=body)
+    teacher.train()
+
+    assert not body.training and not any(p.requires_grad for p in body.parameters())
+    features = body.features(x)
+    expected = meta(ensemble.heads(features), prior.heads(features))
+    torch.testing.assert_close(teacher(x), expected)
+    assert not torch.allclose(teacher(x), MosaicTeacher(ensemble, meta, prior)(x))
