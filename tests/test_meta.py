@@ -146,7 +146,8 @@ def test_the_gate_reads_the_prior_token() -> None:
     assert result.val_accuracy >= 0.95
 
 
-def test_teacher_adds_the_label_share_prior_of_the_client_models() -> None:
+def _experts_and_prior() -> tuple[ExpertEnsemble, ProbabilityMixture]:
+    """Three experts and the label-share prior of two small client models (4 classes)."""
     model = build_classifier("cnn", num_classes=4, in_shape=(1, 8, 8), width=0.25).eval()
     counts = np.array([[1, 2, 0, 3], [4, 0, 0, 1]])
     states = [model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()}]
@@ -154,6 +155,11 @@ def test_teacher_adds_the_label_share_prior_of_the_client_models() -> None:
     prior = ProbabilityMixture(
         ExpertEnsemble(model, dict(enumerate(states))), label_share_weights(counts)
     )
+    return ensemble, prior
+
+
+def test_teacher_adds_the_label_share_prior_of_the_client_models() -> None:
+    ensemble, prior = _experts_and_prior()
     meta = MetaModel(num_experts=3, num_classes=4)
     x = torch.randn(2, 1, 8, 8)
 
@@ -169,13 +175,7 @@ def test_teacher_on_a_global_body_reads_heads_on_its_features_as_on_prototypes()
     """``meta-features = global``: on an image, experts and prior apply only their heads to the
     global model's features, exactly as the meta model saw prototypes (features) in training."""
     torch.manual_seed(0)
-    model = build_classifier("cnn", num_classes=4, in_shape=(1, 8, 8), width=0.25).eval()
-    counts = np.array([[1, 2, 0, 3], [4, 0, 0, 1]])
-    states = [model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()}]
-    ensemble = ExpertEnsemble(model, build_experts(states, counts))
-    prior = ProbabilityMixture(
-        ExpertEnsemble(model, dict(enumerate(states))), label_share_weights(counts)
-    )
+    ensemble, prior = _experts_and_prior()
     meta = MetaModel(num_experts=3, num_classes=4, dim_feedforward=16)
     torch.nn.init.normal_(meta.out.weight)  # a trained meta model: not just its prior
     body = build_classifier("cnn", num_classes=4, in_shape=(1, 8, 8), width=0.25)
