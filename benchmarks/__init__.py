@@ -38,6 +38,7 @@ import numpy as np
 from benchmarks.reply_cache import ReplyCache
 from benchmarks.report import (
     method_accuracy,
+    refresh_generated_block,
     render_table,
     write_bar_chart,
     write_round_plot,
@@ -70,6 +71,7 @@ __all__ = [
     "grid",
     "main",
     "method_accuracy",
+    "refresh_quoted_table",
     "render_table",
     "run_cell",
     "run_suite",
@@ -79,7 +81,10 @@ __all__ = [
     "write_table",
 ]
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = REPO / "pyproject.toml"
+# The document that quotes the generated tables (between ``<!-- generated: PATH -->`` markers).
+DOCS_RESULTS = REPO / "docs" / "results.md"
 Runner = Callable[[Mapping[str, Any], int], Any]
 
 
@@ -333,9 +338,24 @@ def run_suite(
         if record is not None and not changed:
             table.append(record)
     write_table(table, out / "results.md", suite.name)
+    refresh_quoted_table(out / "results.md")
     write_bar_chart(table, out / "accuracy.png")
     write_round_plot(table, out / "accuracy_per_round.png")
     return records
+
+
+def refresh_quoted_table(table: Path, document: Path = DOCS_RESULTS) -> bool:
+    """Refresh ``document``'s quote of ``table`` if it quotes it (a ``generated`` marker naming
+    the table's path in this repository, e.g. ``benchmarks/results/full/results.md``).
+
+    Only a table inside the repository can be quoted, so suites written elsewhere (the tests'
+    temporary folders, a user's ``--out``) never touch the docs. Returns whether it changed.
+    """
+    try:
+        source = table.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return False
+    return refresh_generated_block(document, table, source)
 
 
 def _recorded(path: Path, config: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:

@@ -123,6 +123,48 @@ def write_table(records: Sequence[Mapping[str, Any]], path: Path, suite_name: st
     return path
 
 
+GENERATED_END = "<!-- end generated -->"
+
+
+def generated_marker(source: str) -> str:
+    """The line that opens a block of a document copied from the generated file ``source``."""
+    return f"<!-- generated: {source} -->"
+
+
+def refresh_generated_block(document: Path, table: Path, source: str) -> bool:
+    """Copy ``table`` into ``document`` between ``generated_marker(source)`` and
+    :data:`GENERATED_END`, its title dropped and every heading one level down, so the copy
+    reads as a section of the document. Returns whether ``document`` changed.
+
+    The docs quote the generated table rather than link it so a reader of the docs sees the
+    numbers beside their history; refreshing it whenever the harness writes the table keeps the
+    quote from drifting. A document without the marker is left alone; a marker without its end
+    is an error (``ValueError``), never an overwrite of everything after it.
+    """
+    if not document.exists():
+        return False
+    text = document.read_text()
+    begin = generated_marker(source)
+    start = text.find(begin)
+    if start < 0:
+        return False
+    body_start = text.index("\n", start) + 1
+    end = text.find(GENERATED_END, body_start)
+    if end < 0:
+        raise ValueError(f"{document}: {begin!r} has no {GENERATED_END!r} after it")
+    lines = table.read_text().splitlines()
+    if lines and lines[0].startswith("# "):  # the title: the document's section names it
+        lines = lines[1:]
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    body = "".join(f"#{line}\n" if line.startswith("#") else f"{line}\n" for line in lines)
+    updated = text[:body_start] + body + text[end:]
+    if updated == text:
+        return False
+    document.write_text(updated)
+    return True
+
+
 def write_bar_chart(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """One group of bars per setting, one bar per method (mean, std as error bar)."""
     import matplotlib

@@ -8,13 +8,17 @@ import torch
 
 from benchmarks import (
     ALL_STRATEGIES,
+    DOCS_RESULTS,
+    REPO,
     UNREAD_KEYS,
     Cell,
     Suite,
+    refresh_quoted_table,
     render_table,
     run_cell,
     run_suite,
 )
+from benchmarks.report import GENERATED_END, generated_marker, refresh_generated_block
 from server_app.inprocess import run_inprocess
 from tests.fakedata import OTHER_VALUES, TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
 
@@ -348,3 +352,49 @@ def test_asking_for_cuda_without_it_stops_before_any_cell(tmp_path, capsys) -> N
     assert stopped.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_quoted_table_is_replaced_between_its_markers_headings_one_level_down(
+    tmp_path,
+) -> None:
+    table = tmp_path / "results.md"
+    table.write_text("# Benchmark results (full suite)\n\nIntro.\n\n## Targets\n\n| a |\n")
+    doc = tmp_path / "doc.md"
+    before, after = "# Doc\n\n## Current\n\n", "\n## History\n\nkept\n"
+    doc.write_text(f"{before}{generated_marker('t.md')}\nstale\n{GENERATED_END}{after}")
+
+    assert refresh_generated_block(doc, table, "t.md")
+    quoted = "Intro.\n\n### Targets\n\n| a |\n"
+    assert doc.read_text() == f"{before}{generated_marker('t.md')}\n{quoted}{GENERATED_END}{after}"
+    assert not refresh_generated_block(doc, table, "t.md")  # already current: left as it is
+    assert not refresh_generated_block(doc, table, "other.md")  # quotes no such table
+
+
+def test_a_marker_without_its_end_is_an_error_not_an_overwrite(tmp_path) -> None:
+    table, doc = tmp_path / "results.md", tmp_path / "doc.md"
+    table.write_text("# T\n\nnew\n")
+    doc.write_text(f"{generated_marker('t.md')}\nold\n## History\n")
+    with pytest.raises(ValueError, match="end generated"):
+        refresh_generated_block(doc, table, "t.md")
+    assert doc.read_text() == f"{generated_marker('t.md')}\nold\n## History\n"
+
+
+def test_a_table_written_outside_the_repository_never_touches_the_docs(tmp_path) -> None:
+    table = tmp_path / "benchmarks" / "results" / "full" / "results.md"
+    table.parent.mkdir(parents=True)
+    table.write_text("# T\n\nfrom a temporary folder\n")
+    doc = tmp_path / "doc.md"
+    text = f"{generated_marker('benchmarks/results/full/results.md')}\nold\n{GENERATED_END}\n"
+    doc.write_text(text)
+    assert not refresh_quoted_table(table, doc)
+    assert doc.read_text() == text
+
+
+def test_the_docs_quote_the_committed_full_table_as_the_harness_writes_it(tmp_path) -> None:
+    """docs/results.md's copy of the full suite's table is current: the harness refreshes it
+    whenever it writes the table, so a difference means one was edited by hand."""
+    table = REPO / "benchmarks" / "results" / "full" / "results.md"
+    assert generated_marker("benchmarks/results/full/results.md") in DOCS_RESULTS.read_text()
+    copy = tmp_path / "results.md"
+    copy.write_text(DOCS_RESULTS.read_text())
+    assert not refresh_quoted_table(table, copy), "docs/results.md quotes a stale table"
