@@ -110,6 +110,22 @@ def test_inversion_loss_is_zero_at_running_stats_positive_otherwise_and_unhooks(
     assert all(not bn._forward_hooks for bn in (model[1], model[3]))
 
 
+def test_inversion_loss_records_nothing_without_gradients() -> None:
+    """A pass under no_grad neither computes the term nor leaves the previous one behind."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)).eval()
+    x = torch.randn(8, 1, 8, 8)
+    with BatchNormInversionLoss(model) as inversion:
+        model(x)
+        with_grad = inversion.value()
+        assert with_grad.item() > 0
+        with torch.no_grad():
+            model(x * 3)
+        with pytest.raises(RuntimeError, match="no_grad"):
+            inversion.value()
+        model(x)
+        assert inversion.value().item() == pytest.approx(with_grad.item())
+
+
 @pytest.mark.parametrize("term", ["adv", "div", "ent", "inv"])
 def test_each_term_alone_sends_gradient_to_the_generator(term: str, classifier: nn.Module) -> None:
     generator = build_generator(SPEC)
