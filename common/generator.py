@@ -181,7 +181,7 @@ class GeneratorTrainResult:
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients inside; every module's flags restored on exit."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
@@ -278,7 +278,7 @@ def train_generator(
     classifier.to(device)
     inversion = BatchNormInversionLoss(classifier) if lambda_inv else None
     try:
-        with _frozen(classifier), inversion or nullcontext():
+        with frozen(classifier), inversion or nullcontext():
             for step in range(steps):
                 real = images[next(batches)].to(device, non_blocking=True)
                 z = torch.randn(batch_size, spec.latent_dim, generator=rng).to(device)

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.generator import BatchNormInversionLoss, _frozen
+from common.generator import BatchNormInversionLoss, frozen
 from common.models import GeneratorSpec, build_generator
-from server_app.distill import DistillResult, _training_with_frozen_batchnorm, kd_loss
+from server_app.distill import DistillResult, kd_loss, training_with_frozen_batchnorm
 
 
 class ConditionalGenerator(nn.Module):
@@ -162,18 +162,18 @@ def train_dense(
     window: dict[str, float] = {}
     window_start = 0
     with ExitStack() as stack:
-        stack.enter_context(_frozen(teacher))
+        stack.enter_context(frozen(teacher))
         for model in client_models:
-            stack.enter_context(_frozen(model))
+            stack.enter_context(frozen(model))
         inversions = (
             [stack.enter_context(BatchNormInversionLoss(m)) for m in client_models]
             if lambda_bn
             else []
         )
-        stack.enter_context(_training_with_frozen_batchnorm(student))
+        stack.enter_context(training_with_frozen_batchnorm(student))
         for step in range(1, steps + 1):
             # (1) generator: teacher's target, clients' BN statistics, disagreement.
-            with _frozen(student):
+            with frozen(student):
                 for _ in range(generator_steps):
                     z, y = draw()
                     images = to_input(generator(z, y))

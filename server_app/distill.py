@@ -102,7 +102,7 @@ def _sampling_with_batch_statistics(generators: Sequence[Generator]) -> Iterator
 
 
 @contextmanager
-def _training_with_frozen_batchnorm(student: nn.Module) -> Iterator[None]:
+def training_with_frozen_batchnorm(student: nn.Module) -> Iterator[None]:
     """Student in train mode except its BatchNorm layers, whose running statistics must keep
     describing real data: generated batches would otherwise overwrite them. Modes restored."""
     modes = {module: module.training for module in student.modules()}
@@ -164,7 +164,7 @@ def distill(
     on batch statistics), maps them with ``to_input`` into the classifiers' input space, scores
     them with the teacher (no grad, eval mode) and takes one Adam step on :func:`kd_loss`. The
     student's BatchNorm running statistics stay frozen (see
-    :func:`_training_with_frozen_batchnorm`). Student, teacher and generators are moved to
+    :func:`training_with_frozen_batchnorm`). Student, teacher and generators are moved to
     ``device``.
 
     Parameters
@@ -215,7 +215,7 @@ def distill(
     rng = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
     agreements: deque[Tensor] = deque(maxlen=50)  # per-sample argmax matches, last 50 steps
-    with _sampling_with_batch_statistics(generators), _training_with_frozen_batchnorm(student):
+    with _sampling_with_batch_statistics(generators), training_with_frozen_batchnorm(student):
         for step in range(1, steps + 1):
             with torch.no_grad():
                 samples = [_sample(g, batch_per_generator, rng) for g in generators]
