@@ -81,7 +81,7 @@ class BatchNormInversionLoss:
     A pass under ``torch.no_grad`` records nothing (and forgets the previous pass): the term is
     a loss for the inputs, useless without their gradient, and the batch variance is the
     costliest part of a forward pass here (DENSE's student step runs the client models without
-    gradients every iteration; computing the term there took a quarter of its time).
+    gradients every iteration; computing the term there took about a sixth of a step).
     """
 
     def __init__(self, model: nn.Module) -> None:
