@@ -33,7 +33,8 @@ RUN_ID = 1
 class InProcessGrid(Grid):
     """A Grid of ``num_nodes`` in-process nodes; node i holds partition i of ``num_nodes``.
 
-    ``tamper`` (node id, reply) -> reply lets tests alter what a node sends.
+    ``tamper`` (node id, reply) -> reply lets tests alter what a node sends, and
+    ``reply_order`` (replies) -> replies the order they arrive in (over a network, any order).
     """
 
     def __init__(
@@ -44,9 +45,11 @@ class InProcessGrid(Grid):
         *,
         node_configs: Mapping[int, Mapping[str, Any]] | None = None,
         tamper: Callable[[int, Message], Message] | None = None,
+        reply_order: Callable[[list[Message]], list[Message]] | None = None,
     ) -> None:
         self.client_app = client_app
         self.tamper = tamper
+        self.reply_order = reply_order
         self.contexts = {
             node_id: Context(
                 run_id=RUN_ID,
@@ -119,7 +122,7 @@ class InProcessGrid(Grid):
                 log(WARNING, "node %d answered after the %.1f s timeout: dropped", node_id, timeout)
                 continue
             replies.append(reply)
-        return replies
+        return replies if self.reply_order is None else self.reply_order(replies)
 
 
 def run_inprocess(
@@ -128,6 +131,7 @@ def run_inprocess(
     *,
     tamper: Callable[[int, Message], Message] | None = None,
     client_app: Callable[[Message, Context], Message] | None = None,
+    reply_order: Callable[[list[Message]], list[Message]] | None = None,
 ) -> InProcessGrid:
     """Run the ServerApp's main loop against ``num_nodes`` in-process ClientApps (the
     project's own, or ``client_app``: e.g. the benchmarks' reply cache wrapped around it)."""
@@ -136,7 +140,7 @@ def run_inprocess(
     if client_app is None:
         from client_app.app import app as client_app
 
-    grid = InProcessGrid(client_app, num_nodes, run_config, tamper=tamper)
+    grid = InProcessGrid(client_app, num_nodes, run_config, tamper=tamper, reply_order=reply_order)
     context = Context(
         run_id=RUN_ID,
         node_id=SERVER_NODE_ID,

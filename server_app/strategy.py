@@ -150,9 +150,15 @@ class CheckedFedAvg(FedAvg):
     def validate_replies(
         self, server_round: int, replies: Iterable[Message]
     ) -> list[tuple[Message, TrainReply]]:
-        """Drop error replies and malformed ones (logged with the rule broken), decode the rest."""
+        """Drop error replies and malformed ones (logged with the rule broken), decode the rest.
+
+        The accepted replies come back ordered by (partition id, node id), whatever order they
+        arrived in: floating-point sums depend on the order of their terms, and replies arrive
+        in another order on every run of a simulation or deployment, so without this two runs
+        with the same seed would end with different bits.
+        """
         round_log = self.rounds.setdefault(server_round, RoundLog())
-        accepted = []
+        accepted: list[tuple[int, int, Message, TrainReply]] = []
         for msg in replies:
             node = self._answering_node(msg)
             log_uplink(round_log.traffic, msg)
@@ -174,12 +180,13 @@ class CheckedFedAvg(FedAvg):
                 round_log.rejected[node] = error.rule
                 log(WARNING, "round %d: rejected reply of node %d (%s)", server_round, node, error)
                 continue
-            round_log.replied.append(node)
             round_log.partitions[node] = reply.partition_id
-            accepted.append((msg, reply))
+            accepted.append((reply.partition_id, node, msg, reply))
+        accepted.sort(key=lambda entry: entry[:2])
+        round_log.replied = [node for _, node, _, _ in accepted]
         answered = {*round_log.replied, *round_log.failed, *round_log.rejected}
         round_log.missing = [node for node in round_log.sampled if node not in answered]
-        return accepted
+        return [(msg, reply) for _, _, msg, reply in accepted]
 
     def _answering_node(self, reply: Message) -> int:
         """The node a reply answers for. The SuperLink answers for a node it lost with an error

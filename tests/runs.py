@@ -24,11 +24,15 @@ Tamper = Callable[[int, Message], Message | None]
 
 
 def run(
-    data_root: Path, results: Path, tamper: Tamper | None = None, **overrides: Any
+    data_root: Path,
+    results: Path,
+    tamper: Tamper | None = None,
+    reply_order: Callable[[list[Message]], list[Message]] | None = None,
+    **overrides: Any,
 ) -> tuple[InProcessGrid, Path]:
     """A tiny run on ``NUM_NODES`` in-process nodes; the grid and the results folder."""
     config = tiny_run_config(data_root, results, **overrides)
-    grid = run_inprocess(config, NUM_NODES, tamper=tamper)
+    grid = run_inprocess(config, NUM_NODES, tamper=tamper, reply_order=reply_order)
     return grid, results / config["run-name"]
 
 

@@ -315,6 +315,27 @@ def test_seeded_runs_are_reproducible(data_root, tmp_path, strategy) -> None:
     assert_same_state(final_model(first), final_model(second))
 
 
+def test_the_order_replies_arrive_in_changes_no_bit(data_root, tmp_path) -> None:
+    """Over a network replies arrive in another order every run: the server sorts them
+    before anything is summed, so a shuffled arrival order gives the same model, bit for bit."""
+    shuffler = np.random.default_rng(7)
+
+    def shuffled(replies: list[Message]) -> list[Message]:
+        return [replies[i] for i in shuffler.permutation(len(replies))]
+
+    def reversed_order(replies: list[Message]) -> list[Message]:
+        return replies[::-1]
+
+    options = {"strategy": "mosaic", "num_rounds": 2, "kd_round": 2, "proto_start_round": 1}
+    _, arrived_in_order = run(data_root, tmp_path / "a", **options)
+    _, arrived_reversed = run(data_root, tmp_path / "b", reply_order=reversed_order, **options)
+    _, arrived_shuffled = run(data_root, tmp_path / "c", reply_order=shuffled, **options)
+    assert_same_state(final_model(arrived_in_order), final_model(arrived_reversed))
+    assert_same_state(final_model(arrived_in_order), final_model(arrived_shuffled))
+    participation = read_json(arrived_reversed, "participation.json")
+    assert participation["2"]["replied"] == [1, 2, 3]  # recorded in partition order
+
+
 def test_another_seed_gives_another_model(data_root, tmp_path) -> None:
     _, first = run(data_root, tmp_path / "a", strategy="fedavg", num_rounds=1, seed=0)
     _, second = run(data_root, tmp_path / "b", strategy="fedavg", num_rounds=1, seed=1)
