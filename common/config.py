@@ -142,12 +142,12 @@ class RunConfig(BaseModel):
     strategy: Strategy
     seed: int = Field(ge=0)
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    results_dir: str  # "" -> ~/mosaic-results; an absolute path is safest under Flower
+    results_dir: str  # "" -> common.paths.results_root; an absolute path is safest
     run_name: str = Field(pattern=r"^[A-Za-z0-9._-]*$")  # "" -> strategy-dataset-timestamp
     resume: bool  # continue <results-dir>/<run-name> from its last checkpoint
     # --- data -------------------------------------------------------------------------------
     dataset: str
-    data_root: str  # "" -> $MOSAIC_DATA_ROOT or ~/.cache/mosaic/data
+    data_root: str  # "" -> common.paths.data_root
     partitioning: Partitioning
     alpha: float = Field(gt=0)
     classes_per_client: int = Field(ge=1)
