@@ -56,8 +56,9 @@ from benchmarks.suites import (
     grid,
     select_cells,
 )
-from common.config import ConfigError, parse_run_config, pyproject_defaults
+from common.config import ConfigError, pyproject_defaults
 from deploy.simulation import parse_set
+from server_app.strategies import validate_run_config
 
 __all__ = [
     "ALL_STRATEGIES",
@@ -151,7 +152,7 @@ def hardware() -> dict[str, Any]:
 
     The torch thread count is recorded too: CPU kernels sum in a different order with another
     count, so two cells' client models agree to the bit only when their counts do (one-shot
-    MNIST label-share at 2 threads vs Mosaic at 1 gave teachers 96.10 vs 96.05, session 9).
+    MNIST label-share at 2 threads vs Mosaic at 1 gave teachers 96.10 vs 96.05).
     """
     import torch
 
@@ -264,6 +265,12 @@ ADDED_KEYS: dict[str, Any] = {
     "kd-ema": 0.0,
     "meta-features": "experts",
 }
+# Run-config keys removed since records were made, each with the value under which the app
+# behaved as it does now: a record that holds the key with that value is still current.
+REMOVED_KEYS: dict[str, Any] = {
+    "fault-mode": "none",  # test scaffolding, now in tests/faults.py
+    "fault-partition": -1,
+}
 
 # Run-config keys that say where a run reads and writes, not what it computes: they differ
 # between clones (absolute paths), and records are committed so that every clone reuses them.
@@ -277,6 +284,9 @@ def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> li
     number under a config that did not produce it."""
     current = json.loads(json.dumps(dict(current), sort_keys=True, default=str))
     recorded = {**ADDED_KEYS, **recorded}
+    for key, value in REMOVED_KEYS.items():
+        if recorded.get(key, value) == value:
+            recorded.pop(key, None)
     unread = UNREAD_KEYS.get(current.get("strategy", ""), frozenset()) | PLACE_KEYS
     return sorted(
         k
@@ -374,6 +384,7 @@ def suite_base(data_root: Path) -> dict[str, Any]:
     the CPU (the suite's own records are made there; another device is a variant)."""
     return {
         **pyproject_defaults(PYPROJECT),
+        "proximal-mu": 0.01,  # FedProx's term (the default 0 is plain FedAvg); others ignore it
         "data-root": str(data_root.resolve()),
         "device": "cpu",
     }
@@ -446,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--cells {args.cells!r} matches no cell of suite {args.suite!r}")
     for cell in suite.cells:  # a bad override fails here, naming the key, not in every cell
         try:
-            parse_run_config(cell_run_config(cell, base, suite.sizes, out / "runs"))
+            validate_run_config(cell_run_config(cell, base, suite.sizes, out / "runs"))
         except ConfigError as error:
             parser.error(f"--set: {error}")
     reply_cache = None

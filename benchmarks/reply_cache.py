@@ -9,7 +9,7 @@ that decides it:
 
 - the message: its type and its content, serialised by Flower's own protobuf serde;
 - the node's config (its partition) and the client's part of the run config: every key but
-  ``SERVER_ONLY_KEYS``, plus the proximal term the strategy sets (``client_proximal_mu``);
+  ``SERVER_ONLY_KEYS`` (the round's lr and FedProx's term travel in the message);
 - the client's code (every ``.py`` under ``client_app/`` and ``common/``) and the torch and
   flwr versions, so an edit to the client invalidates every reply it made.
 
@@ -31,7 +31,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
-from common.config import SERVER_ONLY_KEYS, parse_run_config
+from common.config import SERVER_ONLY_KEYS
 
 ClientAppLike = Callable[[Message, Context], Message]
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,6 @@ def client_code_digest(root: Path = ROOT) -> str:
 def reply_key(msg: Message, context: Context, code_digest: str) -> str:
     """The hex digest that names the reply a client gives to ``msg`` in ``context``."""
     client_config = {k: v for k, v in context.run_config.items() if k not in SERVER_ONLY_KEYS}
-    client_config["client-proximal-mu"] = parse_run_config(context.run_config).client_proximal_mu
     digest = hashlib.sha256(code_digest.encode())
     digest.update(msg.metadata.message_type.encode())
     digest.update(json.dumps(client_config, sort_keys=True, default=str).encode())

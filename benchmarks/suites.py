@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import DENSE_KEYS, DISTILLATION_KEYS, META_KEYS
+from server_app.strategies import STRATEGIES, judged_by_teacher, unread_keys
 
 # The two protocols as run-config overrides. One-shot: one round, every client trains longer,
 # then the server builds its teacher (and distills) after that round. Multi-round: FedAvg
@@ -50,48 +50,15 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Strategies whose result is their teacher (never distilled into the global model).
-TEACHER_ONLY = frozenset({"ensemble", "label-share"})
-
-# Run-config keys each strategy's result does not depend on: a record stays current when only
-# these changed (a new distillation default does not rerun FedAvg). tests/test_benchmarks.py
-# runs every strategy with all of its keys here changed and checks that nothing moves.
-_PROTOTYPES = frozenset(
-    {"proto-start-round", "proto-bank-rounds", "protos-per-class", "min-proto-samples"}
-)
-_CLIENT_GENERATOR = frozenset(
-    {
-        "generator-round",
-        "gen-steps",
-        "gen-batch-size",
-        "lambda-adv",
-        "lambda-div",
-        "lambda-ent",
-        "lambda-inv",
-    }
-)
-_GENERATOR = _CLIENT_GENERATOR | {"gen-latent-dim", "gen-channels", "gen-lr"}
-_FEDAVG_UNREAD = (
-    DISTILLATION_KEYS
-    | META_KEYS
-    | _PROTOTYPES
-    | _GENERATOR
-    | DENSE_KEYS
-    | {"meta-prior", "kd-every"}  # teacher-only baselines: judged at kd-round
-)
-UNREAD_KEYS: dict[str, frozenset[str]] = {
-    "fedavg": _FEDAVG_UNREAD | {"proximal-mu"},
-    "fedprox": _FEDAVG_UNREAD,
-    "ensemble": _FEDAVG_UNREAD | {"proximal-mu"},
-    "label-share": _FEDAVG_UNREAD | {"proximal-mu"},
-    "dense": META_KEYS
-    | _PROTOTYPES
-    | _CLIENT_GENERATOR
-    | {"meta-prior", "kd-generator-weighting", "kd-proximal-mu", "kd-ema", "proximal-mu"},
-    "feddf": META_KEYS | _PROTOTYPES | DENSE_KEYS | {"meta-prior", "proximal-mu"},
-    "mosaic-no-meta": META_KEYS | _PROTOTYPES | DENSE_KEYS | {"proximal-mu"},
-    "mosaic": DENSE_KEYS | {"proximal-mu"},
-}
+# Every strategy in the registry's order; those whose result is their teacher (never
+# distilled into the global model); and per strategy the run-config keys its result does not
+# depend on, so that a record stays current when only these changed (a new distillation
+# default does not rerun FedAvg). All three derive from the strategy classes;
+# tests/test_benchmarks.py runs every strategy with its unread keys changed and checks that
+# nothing moves.
+ALL_STRATEGIES: list[str] = list(STRATEGIES)
+TEACHER_ONLY: frozenset[str] = frozenset(name for name in STRATEGIES if judged_by_teacher(name))
+UNREAD_KEYS: dict[str, frozenset[str]] = {name: unread_keys(name) for name in STRATEGIES}
 
 
 @dataclass(frozen=True)
@@ -144,17 +111,6 @@ def grid(
     ]
 
 
-ALL_STRATEGIES = [
-    "fedavg",
-    "fedprox",
-    "ensemble",
-    "label-share",
-    "feddf",
-    "dense",
-    "mosaic-no-meta",
-    "mosaic",
-]
-
 SUITES: dict[str, Suite] = {
     # One setting, one seed, every method, modest steps: minutes on the 2-core CPU machine when
     # it is idle, under 20 when other jobs load it (docs/results.md has the timings).
@@ -202,6 +158,4 @@ def cell_run_config(
             "resume": False,
         }
     )
-    if cell.strategy == "fedprox" and not config.get("proximal-mu"):
-        config["proximal-mu"] = 0.01
     return config

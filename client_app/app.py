@@ -14,7 +14,6 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client_app.faults import inject_fault, misbehaves
 from common.config import RunConfig, parse_run_config
 from common.data import (
     dataset_info,
@@ -27,7 +26,7 @@ from common.data import (
 from common.generator import train_generator
 from common.models import GeneratorSpec, build_classifier
 from common.paths import data_root
-from common.records import ARRAYS, pack_train_reply, record_to_state
+from common.records import ARRAYS, RoundInstructions, pack_train_reply, record_to_state
 from common.train import compute_prototypes, evaluate, resolve_device, train_local
 
 app = ClientApp()
@@ -64,8 +63,8 @@ def _local_data(cfg: RunConfig, context: Context) -> tuple[torch.Tensor, torch.T
 def train(msg: Message, context: Context) -> Message:
     """Local SGD from the global weights; prototypes and the generator when asked."""
     cfg = parse_run_config(context.run_config)
-    round_config = msg.content["config"]
-    server_round = int(round_config["server-round"])
+    server_round = int(msg.content["config"]["server-round"])
+    instructions = RoundInstructions.from_config(msg.content["config"])
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
     images, labels, partition_id = _local_data(cfg, context)
@@ -79,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     # Prototypes describe the data under the *global* model (whose feature space the experts'
     # heads share), so they are taken before local training moves the model away from it.
     prototypes = None
-    if round_config.get("send-prototypes", False):
+    if instructions.send_prototypes:
         prototypes = compute_prototypes(
             model,
             images,
@@ -96,17 +95,17 @@ def train(msg: Message, context: Context) -> Message:
         labels,
         steps=cfg.local_steps_for(len(labels)),
         batch_size=cfg.batch_size,
-        lr=float(round_config["lr"]),
+        lr=instructions.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
-        proximal_mu=cfg.client_proximal_mu,
+        proximal_mu=instructions.proximal_mu,
         device=device,
         seed=seed,
     )
     counts = label_counts(labels, info.num_classes)
 
     generator_state = None
-    if round_config.get("train-generator", False):
+    if instructions.train_generator:
         log(INFO, "client %d: training its generator (%d steps)", partition_id, cfg.gen_steps)
         trained = train_generator(
             model,
@@ -127,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         generator_state = trained.generator.state_dict()
 
-    content = pack_train_reply(
+    reply = pack_train_reply(
         model.state_dict(),
         num_examples=len(labels),
         train_loss=result.mean_loss,
@@ -136,9 +135,7 @@ def train(msg: Message, context: Context) -> Message:
         prototypes=prototypes,
         generator_state=generator_state,
     )
-    if misbehaves(cfg, partition_id):  # tests only: see client_app/faults.py
-        content = inject_fault(content, cfg, feature_dim=model.feature_dim)
-    return Message(content, reply_to=msg)
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()

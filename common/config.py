@@ -23,17 +23,24 @@ from common.models import classifier_names
 Strategy = Literal[
     "mosaic", "fedavg", "fedprox", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"
 ]
-# Strategies that run Mosaic's schedule (prototypes, generators, a teacher at kd-round): Mosaic
-# and the baselines of server_app/baselines.py that replace its teacher or its distillation.
-MOSAIC_SCHEDULE: frozenset[str] = frozenset(
-    {"mosaic", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"}
+# Run-config keys of optional steps, by step; each strategy class declares which it reads
+# (server_app.strategies derives from that what a result depends on).
+PROTOTYPE_KEYS: frozenset[str] = frozenset(
+    {"proto-start-round", "proto-bank-rounds", "protos-per-class", "min-proto-samples"}
 )
-# What clients upload besides weights and label counts, per strategy; the strategies ask for
-# exactly this (tests/test_traffic.py checks) and the pre-run payload check sizes by it.
-UPLOADS_GENERATOR: frozenset[str] = frozenset({"mosaic", "feddf", "mosaic-no-meta"})
-UPLOADS_PROTOTYPES: frozenset[str] = frozenset({"mosaic"})
-# Run-config keys of the server's own steps, by step (benchmarks.UNREAD_KEYS says which
-# strategies never read them).
+CLIENT_GENERATOR_KEYS: frozenset[str] = frozenset(
+    {
+        "generator-round",
+        "gen-steps",
+        "gen-batch-size",
+        "lambda-adv",
+        "lambda-div",
+        "lambda-ent",
+        "lambda-inv",
+    }
+)
+SERVER_GENERATOR_KEYS: frozenset[str] = frozenset({"gen-latent-dim", "gen-channels", "gen-lr"})
+GENERATOR_KEYS: frozenset[str] = CLIENT_GENERATOR_KEYS | SERVER_GENERATOR_KEYS
 DISTILLATION_KEYS: frozenset[str] = frozenset(
     {
         "kd-steps",
@@ -60,8 +67,8 @@ META_KEYS: frozenset[str] = frozenset(
 )
 DENSE_KEYS: frozenset[str] = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
 # Run-config keys only the server reads: clients get what they need of the schedule (round,
-# lr, whether to send prototypes or a generator) in each message, and ``strategy`` reaches them
-# only through ``RunConfig.client_proximal_mu``. Two clients whose run configs differ only here
+# lr, FedProx's term, whether to send prototypes or a generator) in each message
+# (``common.records.RoundInstructions``). Two clients whose run configs differ only here
 # train the same model; the benchmarks' reply cache relies on it (tests/test_reply_cache.py).
 SERVER_ONLY_KEYS: frozenset[str] = (
     frozenset(
@@ -84,6 +91,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "proto-bank-rounds",
             "generator-round",
             "meta-prior",
+            "proximal-mu",
         }
     )
     | DISTILLATION_KEYS
@@ -97,21 +105,8 @@ GeneratorWeighting = Literal["uniform", "size", "coverage"]
 MetaPrior = Literal["label-share", "experts", "none"]
 # Where the trained meta model reads the experts on an image: every expert in full (the paper's
 # code), or every expert's head on the features of the global model the kd-round sent, the
-# feature space the prototypes it was trained on were taken in (docs/results.md, session 12).
+# feature space the prototypes it was trained on were taken in (docs/results.md).
 MetaFeatures = Literal["experts", "global"]
-FaultMode = Literal[
-    "none",
-    "nan-weights",
-    "wrong-shape",
-    "missing-key",
-    "extra-key",
-    "negative-counts",
-    "huge-counts",
-    "oversized-prototypes",
-    "wrong-generator",
-    "raise",
-    "straggle",
-]
 
 
 def _kebab(name: str) -> str:
@@ -167,7 +162,7 @@ class RunConfig(BaseModel):
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
-    proximal_mu: float = Field(ge=0)  # FedProx only
+    proximal_mu: float = Field(ge=0)  # FedProx only (sent to clients in each round's message)
     # --- Mosaic schedule --------------------------------------------------------------------
     kd_round: int = Field(ge=1)  # W: meta model + distillation after this round
     kd_every: int = Field(ge=0)  # > 0: distill again every kd-every rounds after kd-round
@@ -209,9 +204,6 @@ class RunConfig(BaseModel):
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
     dense_lambda_bn: float = Field(ge=0)  # BatchNorm-statistics term, over the client models
     dense_lambda_adv: float = Field(ge=0)  # student-teacher disagreement term
-    # --- fault injection (tests only: one partition sends a malformed reply, see faults.py) --
-    fault_mode: FaultMode
-    fault_partition: int = Field(ge=-1)  # -1 -> no partition misbehaves
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -219,41 +211,12 @@ class RunConfig(BaseModel):
             raise ValueError(f"dataset: {self.dataset!r} is not one of {dataset_names()}")
         if self.model not in classifier_names():
             raise ValueError(f"model: {self.model!r} is not one of {classifier_names()}")
-        if self.strategy in MOSAIC_SCHEDULE:
-            if self.kd_round > self.num_rounds:
-                raise ValueError(
-                    f"kd-round: {self.kd_round} is after the last round (num-rounds = "
-                    f"{self.num_rounds})"
-                )
-            if self.proto_start_round > self.kd_round:
-                raise ValueError(
-                    f"proto-start-round: {self.proto_start_round} is after kd-round "
-                    f"{self.kd_round}, so the prototype bank would be empty"
-                )
-            if self.generator_round > self.kd_round:
-                raise ValueError(
-                    f"generator-round: {self.generator_round} is after kd-round {self.kd_round}"
-                )
-        if self.strategy == "mosaic" and self.meta_features == "global" and self.kd_round < 2:
-            raise ValueError(
-                "meta-features: 'global' reads the experts' heads on the features of the global "
-                "model sent in the kd-round, and at kd-round 1 that is the untrained initial model"
-            )
-        if self.strategy == "mosaic-no-meta" and self.meta_prior == "none":
-            raise ValueError(
-                "meta-prior: mosaic-no-meta's teacher is the prior alone, so it cannot be 'none'"
-            )
         if self.resume and not self.run_name:
             raise ValueError("resume: needs the run-name of the run to continue")
         if self.min_replies > self.min_nodes:
             raise ValueError(
                 f"min-replies: {self.min_replies} is more than min-nodes {self.min_nodes}, so a "
                 "run could start with too few nodes to ever complete a round"
-            )
-        if self.fault_mode != "none" and self.fault_partition < 0:
-            raise ValueError(
-                f"fault-partition: fault-mode {self.fault_mode!r} needs the partition that "
-                "misbehaves (>= 0)"
             )
         return self
 
@@ -282,11 +245,6 @@ class RunConfig(BaseModel):
         in a space the other heads do not share (in one-shot runs this lowered the teacher from
         87.9% to 74.1%). So a one-shot run has no prototypes and the meta model its prior."""
         return range(max(2, self.proto_start_round), self.kd_rounds[-1] + 1)
-
-    @property
-    def client_proximal_mu(self) -> float:
-        """The proximal term of the clients' local loss: ``proximal-mu`` under FedProx only."""
-        return self.proximal_mu if self.strategy == "fedprox" else 0.0
 
     def local_steps_for(self, num_samples: int) -> int:
         """SGD steps of one round for a client holding ``num_samples``: ``local-steps``, or

@@ -1,15 +1,20 @@
-"""Flower records <-> plain tensors, and the one place where a client's reply is validated.
+"""The wire: what the server sends each round, what a client replies, and their encoding.
 
 This is the only module under ``common/`` that imports Flower: both apps need the same
-encoding, and keeping encode and validate side by side keeps them in step. A reply that breaks
-a rule raises :class:`MalformedReplyError` naming the rule; the strategy drops that reply,
-logs it, and counts it. Nothing is ever unpickled: tensors travel as Flower ``Array``s.
+encoding, and keeping encode and validate side by side keeps them in step. Down:
+:class:`RoundInstructions` (the round's learning rate, FedProx's term, whether to send
+prototypes or train the generator), written by the strategy and read by the client. Up: a train
+reply, validated and decoded once by :func:`validate_train_reply` into a :class:`TrainReply`
+(weights included); a reply that breaks a rule raises :class:`MalformedReplyError` naming the
+rule, and the strategy drops that reply, logs it, and counts it. Nothing is ever unpickled:
+tensors travel as Flower ``Array``s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +36,50 @@ OPTIONAL_KEYS = frozenset({PROTOTYPES, GENERATOR})
 MAX_SAMPLES_PER_CLIENT = 10_000_000  # far above any partition; catches absurd counts
 
 
+@dataclass(frozen=True)
+class Uploads:
+    """What a strategy's clients send besides weights and label counts (declared per class)."""
+
+    generator: bool = False  # their generator, once, in the generator round
+    prototypes: bool = False  # k-means centres of their features, in the prototype rounds
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the server tells every client of a round, on top of the global weights.
+
+    Travels as the ``config`` ConfigRecord of the train message (Flower's FedAvg puts
+    ``server-round`` there itself). Strategies that ask the same send the same message, so the
+    benchmarks' reply cache shares client work between them.
+    """
+
+    lr: float
+    proximal_mu: float = 0.0  # FedProx's term, as Flower's FedProx sends it
+    send_prototypes: bool = False
+    train_generator: bool = False
+
+    def to_config(self) -> dict[str, Any]:
+        """The ConfigRecord entries (kebab-case keys); ``proximal-mu`` only when it is set."""
+        config: dict[str, Any] = {
+            "lr": float(self.lr),
+            "send-prototypes": self.send_prototypes,
+            "train-generator": self.train_generator,
+        }
+        if self.proximal_mu:
+            config["proximal-mu"] = float(self.proximal_mu)
+        return config
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> RoundInstructions:
+        """Read what :meth:`to_config` wrote."""
+        return cls(
+            lr=float(config["lr"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            send_prototypes=bool(config.get("send-prototypes", False)),
+            train_generator=bool(config.get("train-generator", False)),
+        )
+
+
 class MalformedReplyError(ValueError):
     """A client reply that must not be aggregated; ``rule`` says which check it failed."""
 
@@ -41,8 +90,9 @@ class MalformedReplyError(ValueError):
 
 @dataclass
 class TrainReply:
-    """A validated train reply, decoded into tensors."""
+    """A validated train reply, decoded into tensors (the weights too: decoded once, here)."""
 
+    state: dict[str, torch.Tensor]
     partition_id: int
     num_examples: int
     train_loss: float
@@ -193,7 +243,7 @@ def validate_train_reply(
     for key in keys:
         if not isinstance(content[key], expected_types[key]):
             raise MalformedReplyError("record-types", f"{key} is a {type(content[key]).__name__}")
-    _check_state("weights", content[ARRAYS], model_signature)
+    state = _check_state("weights", content[ARRAYS], model_signature)
 
     metrics = content[METRICS]
     if set(metrics.keys()) != {"num-examples", "train-loss"}:
@@ -243,6 +293,7 @@ def validate_train_reply(
             raise MalformedReplyError("generator-unexpected", "no generator was asked for")
         generator_state = _check_state("generator", content[GENERATOR], generator_signature)
     return TrainReply(
+        state=state,
         partition_id=partition_id,
         num_examples=num_examples,
         train_loss=float(train_loss),

@@ -68,6 +68,7 @@ from deploy.simulation import (
     stop_processes,
     stream_flwr_run,
 )
+from server_app.strategies import uploads_of
 from server_app.traffic import DOWNLINK, TOTAL, UPLINK, check_payload_limits
 
 CONNECTION = "mosaic-local"
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, cfg = build_run_config(args.profile, args.strategy, args.set, args.name)
         check_runnable(cfg, args.clients)
-        check_payload_limits(cfg)
+        check_payload_limits(cfg, uploads_of(cfg.strategy))
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -12,9 +12,9 @@ What it does, in order:
    (``dataset=mnist``). ``results-dir`` defaults to ``$MOSAIC_RESULTS_DIR`` or ``<repo>/results``,
    ``data-root`` to ``$MOSAIC_DATA_ROOT`` or ``<repo>/data`` (both made absolute: the SuperLink
    runs the app from another folder), ``run-name`` to ``<strategy>-<profile stem>-<timestamp>``.
-2. Validate it with :func:`common.config.parse_run_config`, check ``min-nodes <= --clients``, the
-   device and that the dataset is on disk, before anything starts: a bad config exits 2 with a
-   message naming the key.
+2. Validate it with :func:`server_app.strategies.validate_run_config`, check ``min-nodes <=
+   --clients``, the device and that the dataset is on disk, before anything starts: a bad
+   config exits 2 with a message naming the key.
 3. ``flwr run <repo> --stream`` with the overrides in one temporary TOML. ``flwr run`` starts a
    detached local SuperLink; it gets free ports (so it never talks to somebody else's SuperLink)
    and ``FLWR_HOME`` = ``--flwr-home`` (default ``<repo>/.flwr``; one simulation at a time per
@@ -58,6 +58,7 @@ import torch
 from common.config import ConfigError, RunConfig, Strategy, parse_run_config, pyproject_defaults
 from common.data import DatasetNotFoundError, load_dataset
 from common.train import resolve_device
+from server_app.strategies import validate_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CLIENTS = 10
@@ -125,7 +126,7 @@ def build_run_config(
     if not cfg.run_name:
         stem = profile.stem if profile is not None else "defaults"
         overrides["run-name"] = f"{cfg.strategy}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return overrides, parse_run_config({**defaults, **overrides})
+    return overrides, validate_run_config({**defaults, **overrides})
 
 
 def check_runnable(cfg: RunConfig, clients: int) -> torch.device:

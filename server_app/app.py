@@ -6,9 +6,9 @@ client trains, with a message naming the key.
 After every round the server's whole state goes into ``checkpoint.pt`` in the results folder
 (see ``server_app.checkpoint``). With ``resume = true`` a run loads it and runs only the rounds
 left. Flower's ``Strategy.start`` always counts rounds from 1, so rather than copy its loop the
-resumed run calls it for the remaining rounds and the strategy adds ``round_offset`` (the rounds
-already done) to the round number in every hook; the server's RNG states are restored last, so
-node sampling continues exactly where the stopped run left it.
+resumed run calls it for the remaining rounds and the strategy's round counter
+(``run_round``) adds the rounds already done in every hook; the server's RNG states are
+restored last, so node sampling continues exactly where the stopped run left it.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import MOSAIC_SCHEDULE, UPLOADS_GENERATOR, RunConfig, parse_run_config
+from common.config import RunConfig
 from common.data import dataset_info, load_dataset
 from common.models import build_classifier
 from common.paths import data_root, results_root
 from common.records import record_to_state, state_to_record
 from common.train import evaluate, resolve_device
-from server_app.baselines import BASELINES
 from server_app.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -39,18 +38,10 @@ from server_app.checkpoint import (
     set_rng_state,
 )
 from server_app.report import RunReport
-from server_app.strategy import CheckedFedAvg, MosaicStrategy
+from server_app.strategies import STRATEGIES, CheckedFedAvg, validate_run_config
+from server_app.strategies.teacher import TeacherStrategy
 
 app = ServerApp()
-
-# Strategy name -> class: the one place a run's strategy is chosen. FedProx is FedAvg whose
-# clients add the proximal term; the baselines replace Mosaic's teacher (baselines.py).
-STRATEGIES: dict[str, type[CheckedFedAvg]] = {
-    "fedavg": CheckedFedAvg,
-    "fedprox": CheckedFedAvg,
-    "mosaic": MosaicStrategy,
-    **BASELINES,
-}
 
 
 def seed_everything(seed: int) -> None:
@@ -60,23 +51,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
+def phase_seconds(strategy: CheckedFedAvg) -> dict[str, float]:
     """Wall time per phase: federated rounds before/after distillation, generators, meta, KD."""
     phases: dict[str, float] = {}
     for server_round, round_log in strategy.rounds.items():
-        if cfg.strategy not in MOSAIC_SCHEDULE:
-            phase = "federated-rounds"
-        elif server_round == cfg.generator_round_resolved and cfg.strategy in UPLOADS_GENERATOR:
-            phase = "generator-round (local training + generator training)"
-        elif server_round <= cfg.kd_round:
-            phase = "warm-up-rounds"
-        else:
-            phase = "fine-tune-rounds"
+        phase = strategy.phase_of(server_round)
         mosaic = round_log.mosaic
         server_side = mosaic.get("meta-seconds", 0.0) + mosaic.get("kd-seconds", 0.0)
         phases[phase] = phases.get(phase, 0.0) + round_log.seconds - server_side
-        if mosaic:
-            teacher_phase = "meta-model" if cfg.strategy == "mosaic" else "teacher"
+        if mosaic and isinstance(strategy, TeacherStrategy):
+            teacher_phase = strategy.teacher_phase
             for phase, key in ((teacher_phase, "meta-seconds"), ("distillation", "kd-seconds")):
                 phases[phase] = phases.get(phase, 0.0) + mosaic.get(key, 0.0)
     return {k: round(v, 1) for k, v in phases.items()}
@@ -86,7 +70,7 @@ def phase_seconds(cfg: RunConfig, strategy: CheckedFedAvg) -> dict[str, float]:
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg or Mosaic for ``num-rounds`` rounds and write the results folder."""
     started = time.perf_counter()
-    cfg = parse_run_config(context.run_config)
+    cfg = validate_run_config(context.run_config)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
@@ -101,13 +85,9 @@ def main(grid: Grid, context: Context) -> None:
         result = evaluate(model, test_images, test_labels, device)
         return {"accuracy": result.accuracy, "loss": result.loss}
 
-    strategy_class = STRATEGIES[cfg.strategy]
-    if issubclass(strategy_class, MosaicStrategy):
-        strategy: CheckedFedAvg = strategy_class(
-            cfg, template, info, device=device, evaluate_model=evaluate_model
-        )
-    else:
-        strategy = strategy_class(cfg, template, info)
+    strategy = STRATEGIES[cfg.strategy](
+        cfg, template, info, device=device, evaluate_model=evaluate_model
+    )
 
     initial_arrays = state_to_record(template.state_dict())
     checkpoint = load_checkpoint(report.folder) if cfg.resume else None
@@ -115,10 +95,10 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays = resume(checkpoint, context.run_config, strategy, report)
     elif cfg.resume:
         log(WARNING, "resume: no checkpoint in %s, so the run starts at round 1", report.folder)
-    done = strategy.round_offset
+    done = strategy.rounds_done
 
     def evaluate_fn(step: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round = step + done  # Flower counts from 1 in every start()
+        server_round = strategy.run_round(step)
         if step == 0 and done:
             return None  # a resumed model was evaluated after its round, before the stop
         model = copy.deepcopy(template)
@@ -162,9 +142,9 @@ def main(grid: Grid, context: Context) -> None:
     final_state = record_to_state(result.arrays if len(result.arrays) else initial_arrays)
     report.write_model(final_state)
     report.plot_accuracy()
-    if isinstance(strategy, MosaicStrategy) and strategy.generators:
+    if isinstance(strategy, TeacherStrategy) and strategy.generators:
         report.save_generator_samples(strategy.generators, strategy.generator_spec, info)
-    for phase, seconds in phase_seconds(cfg, strategy).items():
+    for phase, seconds in phase_seconds(strategy).items():
         report.add_phase_seconds(phase, seconds)
     report.add_phase_seconds("total", round(time.perf_counter() - started, 1))
     _log_summary(cfg, report)
@@ -175,12 +155,12 @@ def resume(
 ) -> ArrayRecord:
     """Load a checkpoint into the strategy, the report and the RNGs; return its global model.
 
-    Sets ``strategy.round_offset`` to the checkpoint's round. Raises ``ConfigError`` when the
+    Sets ``strategy.rounds_done`` to the checkpoint's round. Raises ``ConfigError`` when the
     run config differs from the checkpoint's in a key that changes what is computed.
     """
     check_resumable(checkpoint["run-config"], run_config)
     strategy.load_state_dict(checkpoint["strategy"])
-    strategy.round_offset = checkpoint["round"]
+    strategy.rounds_done = checkpoint["round"]
     report.load_state_dict(checkpoint["metrics"])
     set_rng_state(checkpoint["rng"])  # last, so that nothing above moves it
     log(INFO, "Resuming after round %d from %s", checkpoint["round"], report.folder)

@@ -38,9 +38,10 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 
-from common.config import UPLOADS_GENERATOR, UPLOADS_PROTOTYPES, ConfigError, RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import dataset_info
 from common.models import GeneratorSpec, build_classifier, build_generator
+from common.records import Uploads
 
 OBJECT_LIMIT_BYTES = GRPC_MAX_MESSAGE_LENGTH  # 2**31 - 1: protobuf's (and gRPC's) ceiling
 MESSAGE_BUDGET_BYTES = 1 << 30  # 1 GiB: see the module docstring
@@ -128,12 +129,12 @@ def _state_bytes(module: torch.nn.Module) -> int:
     )
 
 
-def payload_estimates(cfg: RunConfig) -> dict[str, int]:
+def payload_estimates(cfg: RunConfig, uploads: Uploads) -> dict[str, int]:
     """Upper bounds in bytes on the largest messages of a run, without allocating a weight.
 
     ``weights``: the model (down every round, up every round); ``generator``: one client's
-    generator (up once, strategies in ``UPLOADS_GENERATOR``); ``prototypes``: one client's
-    prototypes at most (``protos-per-class`` centres for every class; ``UPLOADS_PROTOTYPES``);
+    generator (up once, when the strategy's ``uploads`` include it); ``prototypes``: one
+    client's prototypes at most (``protos-per-class`` centres for every class, likewise);
     ``downlink``/``uplink``: the largest instruction and reply.
     """
     info = dataset_info(cfg.dataset)
@@ -146,10 +147,10 @@ def payload_estimates(cfg: RunConfig) -> dict[str, int]:
         )
         weights = _state_bytes(model)
         estimates = {"weights": weights, "downlink": weights, "uplink": weights}
-        if cfg.strategy in UPLOADS_GENERATOR:
+        if uploads.generator:
             spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels)
             estimates["generator"] = _state_bytes(build_generator(spec))
-        if cfg.strategy in UPLOADS_PROTOTYPES:
+        if uploads.prototypes:
             centres = cfg.protos_per_class * info.num_classes
             estimates["prototypes"] = (
                 centres * (model.feature_dim * 4 + 8) + 2 * ARRAY_OVERHEAD_BYTES
@@ -160,12 +161,12 @@ def payload_estimates(cfg: RunConfig) -> dict[str, int]:
     return estimates
 
 
-def check_payload_limits(cfg: RunConfig) -> dict[str, int]:
+def check_payload_limits(cfg: RunConfig, uploads: Uploads) -> dict[str, int]:
     """Fail fast, naming the keys to change, when a run's messages would exceed the budget.
 
     Returns :func:`payload_estimates`.
     """
-    estimates = payload_estimates(cfg)
+    estimates = payload_estimates(cfg, uploads)
     keys = {
         "downlink": "model, model-width",
         "uplink": "model, model-width"

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from common.config import RunConfig
 from common.data import dataset_info
 from common.models import build_classifier
-from server_app.app import STRATEGIES
 from server_app.inprocess import InProcessGrid, run_inprocess
-from server_app.strategy import CheckedFedAvg, MosaicStrategy
+from server_app.strategies import STRATEGIES, CheckedFedAvg
 from tests.fakedata import tiny_run_config
 
 NUM_NODES = 3
@@ -28,11 +27,15 @@ def run(
     results: Path,
     tamper: Tamper | None = None,
     reply_order: Callable[[list[Message]], list[Message]] | None = None,
+    client_app: Callable[[Message, Context], Message] | None = None,
     **overrides: Any,
 ) -> tuple[InProcessGrid, Path]:
-    """A tiny run on ``NUM_NODES`` in-process nodes; the grid and the results folder."""
+    """A tiny run on ``NUM_NODES`` in-process nodes (the project's ClientApp, or
+    ``client_app``); the grid and the results folder."""
     config = tiny_run_config(data_root, results, **overrides)
-    grid = run_inprocess(config, NUM_NODES, tamper=tamper, reply_order=reply_order)
+    grid = run_inprocess(
+        config, NUM_NODES, tamper=tamper, reply_order=reply_order, client_app=client_app
+    )
     return grid, results / config["run-name"]
 
 
@@ -40,12 +43,7 @@ def build_strategy(cfg: RunConfig) -> CheckedFedAvg:
     """The strategy ``cfg`` names, built on CPU without a test set (its evaluations are empty)."""
     info = dataset_info(cfg.dataset)
     template = build_classifier(cfg.model, num_classes=info.num_classes, in_shape=info.image_shape)
-    strategy_class = STRATEGIES[cfg.strategy]
-    if issubclass(strategy_class, MosaicStrategy):
-        return strategy_class(
-            cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
-        )
-    return strategy_class(cfg, template, info)
+    return STRATEGIES[cfg.strategy](cfg, template, info, device=torch.device("cpu"))
 
 
 def read_json(folder: Path, name: str) -> Any:

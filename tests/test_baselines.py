@@ -1,9 +1,9 @@
-"""The baseline teachers (server_app/baselines.py) and whole baseline runs on fake data."""
+"""The baseline teachers (server_app/strategies/baselines.py) and whole baseline runs on fake
+data."""
 
 import json
 import typing
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +14,10 @@ from common.config import Strategy, parse_run_config, pyproject_defaults
 from common.data import dataset_info
 from common.models import build_classifier
 from common.records import state_to_record
-from server_app.app import STRATEGIES, phase_seconds
+from server_app.app import phase_seconds
 from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
-from server_app.strategy import RoundLog
+from server_app.strategies import STRATEGIES, RoundLog
+from server_app.strategies.teacher import ClientModels
 from tests.fakedata import write_fake_fashion_mnist
 from tests.runs import build_strategy, read_json, run
 
@@ -48,7 +49,7 @@ def test_every_strategy_gives_clients_the_same_lr_schedule(name: str) -> None:
         {**pyproject_defaults(), "strategy": name, "lr": 0.02, "finetune-lr": 0.005}
     )
     strategy = build_strategy(cfg)
-    lrs = [strategy.round_config(r)["lr"] for r in range(1, cfg.num_rounds + 1)]
+    lrs = [strategy.instructions(r).lr for r in range(1, cfg.num_rounds + 1)]
     assert lrs == [0.02] * cfg.kd_round + [0.005] * (cfg.num_rounds - cfg.kd_round)
 
 
@@ -122,9 +123,10 @@ def test_phases_name_what_each_strategy_did(strategy: str, expected: set[str]) -
     rounds = {r: RoundLog(seconds=10.0) for r in range(1, cfg.num_rounds + 1)}
     if strategy != "fedavg":  # the strategies with a teacher report its two server phases
         rounds[cfg.kd_round].mosaic = {"meta-seconds": 2.0, "kd-seconds": 3.0}
-    fake = SimpleNamespace(rounds=rounds)
+    chosen = build_strategy(cfg)
+    chosen.rounds = rounds
 
-    phases = phase_seconds(cfg, fake)
+    phases = phase_seconds(chosen)
 
     assert set(phases) == expected
     assert sum(phases.values()) == pytest.approx(10.0 * cfg.num_rounds)
@@ -140,7 +142,7 @@ def _teacher_of(strategy: str, states, counts, **overrides) -> nn.Module:
     chosen = STRATEGIES[strategy](
         cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
     )
-    teacher, _ = chosen.build_teacher(states, counts)
+    teacher, _ = chosen.build_teacher(ClientModels(states, counts))
     return teacher
 
 
@@ -186,13 +188,13 @@ def test_mosaic_global_features_teacher_reads_the_model_sent_this_round() -> Non
     features = torch.randn(40, template.feature_dim)
     mosaic.bank.add(cfg.kd_round, features, torch.arange(40) % info.num_classes)
     with pytest.raises(RuntimeError, match="sent this round"):
-        mosaic.build_teacher(states, counts)
+        mosaic.build_teacher(ClientModels(states, counts))
 
     sent = build_classifier(
         cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
     )
     mosaic.sent_arrays = state_to_record(sent.state_dict())
-    teacher, figures = mosaic.build_teacher(states, counts)
+    teacher, figures = mosaic.build_teacher(ClientModels(states, counts))
 
     assert "meta-val-accuracy" in figures and teacher.body is not None
     for key, tensor in sent.state_dict().items():

@@ -1,4 +1,5 @@
-"""The run config schema: defaults and profiles validate; every bad value names its key."""
+"""The run config schema and each strategy's own rules (``validate_run_config``): defaults and
+profiles validate; every bad value names its key."""
 
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from common.config import (
     parse_run_config,
     pyproject_defaults,
 )
+from server_app.strategies import validate_run_config
 from tests.fakedata import PYPROJECT
 
 PROFILES = sorted((PYPROJECT.parent / "conf").glob("*.toml"))
@@ -23,7 +25,7 @@ def defaults() -> dict:
 
 def _error(values: dict) -> str:
     with pytest.raises(ConfigError) as caught:
-        parse_run_config(values)
+        validate_run_config(values)
     return str(caught.value)
 
 
@@ -137,12 +139,6 @@ def test_min_replies_above_min_nodes_is_named(defaults) -> None:
     assert parse_run_config({**defaults, "min-nodes": 3, "min-replies": 3}).min_replies == 3
 
 
-def test_fault_mode_needs_a_fault_partition(defaults) -> None:
-    assert _names(_error({**defaults, "fault-mode": "nan-weights"}), "fault-partition")
-    values = {**defaults, "fault-mode": "nan-weights", "fault-partition": 0}
-    assert parse_run_config(values).fault_partition == 0
-
-
 def test_generator_round_zero_means_kd_round(defaults) -> None:
     cfg = parse_run_config({**defaults, "generator-round": 0, "kd-round": 4})
     assert cfg.generator_round_resolved == 4
@@ -159,7 +155,7 @@ def test_baselines_ignore_mosaic_schedule_rules(defaults, strategy) -> None:
         "proto-start-round": 6,
         "generator-round": 7,
     }
-    assert parse_run_config(values).strategy == strategy
+    assert validate_run_config(values).strategy == strategy
 
 
 @pytest.mark.parametrize(

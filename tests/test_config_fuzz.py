@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import ConfigError, RunConfig, parse_run_config, pyproject_defaults
+from common.config import ConfigError, RunConfig, pyproject_defaults
 from common.data import dataset_names
 from common.models import classifier_names
+from server_app.strategies import validate_run_config
 from tests.fakedata import PYPROJECT
 
 FUZZ = settings(max_examples=150, deadline=None, database=None)
@@ -112,7 +113,7 @@ def invalid_values(key: str) -> st.SearchStrategy:
 
 def _rejection(values: dict[str, Any]) -> str:
     try:
-        parse_run_config(values)
+        validate_run_config(values)
     except ConfigError as error:
         return str(error)
     raise AssertionError(f"accepted: {values}")
@@ -126,7 +127,8 @@ def _names(message: str, key: str) -> bool:
 def valid_configs(draw) -> dict[str, Any]:
     """Every key within its range, then the keys that depend on others, drawn to fit them."""
     values = {key: draw(valid_values(key)) for key in KEYS}
-    # Cross-field rules (RunConfig._check_cross_field), drawn in dependency order.
+    # Cross-field rules (RunConfig._check_cross_field and the strategies' check_config), drawn
+    # in dependency order.
     values["num-rounds"] = draw(st.integers(1, 50))
     values["kd-round"] = draw(st.integers(1, values["num-rounds"]))
     values["proto-start-round"] = draw(st.integers(1, values["kd-round"]))
@@ -136,8 +138,6 @@ def valid_configs(draw) -> dict[str, Any]:
         values["meta-prior"] = draw(st.sampled_from(["label-share", "experts"]))
     if values["strategy"] == "mosaic" and values["kd-round"] < 2:
         values["meta-features"] = "experts"
-    if values["fault-mode"] != "none":
-        values["fault-partition"] = draw(st.integers(0, UNBOUNDED))
     if values["resume"] and not values["run-name"]:
         values["run-name"] = draw(st.from_regex(r"[A-Za-z0-9._-]+", fullmatch=True))
     return values
@@ -146,7 +146,7 @@ def valid_configs(draw) -> dict[str, Any]:
 @FUZZ
 @given(valid_configs())
 def test_every_valid_config_is_accepted(values) -> None:
-    cfg = parse_run_config(values)
+    cfg = validate_run_config(values)
     for key, value in values.items():
         assert getattr(cfg, NAME[key]) == value, key
 
@@ -180,13 +180,6 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
         },
     ),
     ("min-replies", lambda draw, v: {"min-replies": v["min-nodes"] + draw(st.integers(1))}),
-    (
-        "fault-partition",
-        lambda draw, v: {
-            "fault-mode": draw(st.sampled_from(["nan-weights", "raise", "straggle"])),
-            "fault-partition": -1,
-        },
-    ),
     ("resume", lambda draw, v: {"resume": True, "run-name": ""}),
     ("meta-prior", lambda draw, v: {"strategy": "mosaic-no-meta", "meta-prior": "none"}),
     (

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.config import ConfigError, parse_run_config, pyproject_defaults
+from common.config import ConfigError, pyproject_defaults
 from common.data import dataset_info, generator_to_classifier_input
 from common.models import GeneratorSpec, build_classifier
-from server_app.app import STRATEGIES
-from server_app.baselines import DenseStrategy
 from server_app.dense import adversarial_term, train_dense
 from server_app.moe import ExpertEnsemble, ProbabilityMixture
+from server_app.strategies import STRATEGIES, validate_run_config
+from server_app.strategies.baselines import DenseStrategy
+from server_app.strategies.teacher import ClientModels
 from tests.fakedata import PYPROJECT, class_pattern_images, write_fake_fashion_mnist
 from tests.runs import read_json, run
 
@@ -185,7 +186,7 @@ def _config(**overrides):
         }
     )
     values.update(overrides)
-    return parse_run_config(values)
+    return validate_run_config(values)
 
 
 def test_config_accepts_dense_and_checks_its_weights() -> None:
@@ -213,14 +214,14 @@ def _strategy(evaluated: list | None = None) -> DenseStrategy:
 def test_dense_clients_send_no_generator_and_no_prototypes() -> None:
     strategy = _strategy()
     for server_round in range(1, strategy.cfg.num_rounds + 1):
-        config = strategy.round_config(server_round)
-        assert config["train-generator"] is False
-        assert config["send-prototypes"] is False
+        instructions = strategy.instructions(server_round)
+        assert instructions.train_generator is False
+        assert instructions.send_prototypes is False
         assert strategy.generator_signature(server_round) is None
         assert not strategy.prototypes_expected(server_round)
 
 
-def test_dense_distill_round_reports_the_kd_figures(clients) -> None:
+def test_dense_teach_reports_the_kd_figures(clients) -> None:
     evaluated: list = []
     strategy = _strategy(evaluated)
     student = _student(clients)
@@ -228,7 +229,7 @@ def test_dense_distill_round_reports_the_kd_figures(clients) -> None:
     counts = np.zeros((2, 10), dtype=int)
     for row, held in enumerate(CLIENT_CLASSES):
         counts[row, list(held)] = 30
-    figures = strategy.distill_round(student, clients, counts)
+    figures = strategy.teach(student, ClientModels(clients, counts))
     for key in ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy", "kd-seconds"):
         assert key in figures, key
     assert 0.0 <= figures["kd-agreement"] <= 1.0

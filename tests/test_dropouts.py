@@ -7,6 +7,7 @@ import torch
 from flwr.app import Message
 
 from tests.fakedata import write_fake_fashion_mnist
+from tests.faults import faulty_client_app
 from tests.runs import (
     NUM_NODES,
     Tamper,
@@ -84,7 +85,8 @@ def test_run_where_no_node_ever_answers_completes_with_the_initial_model(
 def test_straggler_past_the_round_timeout_is_left_out(data_root, tmp_path) -> None:
     """Node 3 answers a second after the timeout: the round goes on without its reply."""
     kwargs = {"strategy": "fedavg", "num_rounds": 1, "round_timeout": 1.0}
-    _, late = run(data_root, tmp_path / "late", fault_mode="straggle", fault_partition=2, **kwargs)
+    straggler = faulty_client_app("straggle", partition=2)
+    _, late = run(data_root, tmp_path / "late", client_app=straggler, **kwargs)
     _, dropped = run(data_root, tmp_path / "drop", tamper=error_reply(3), **kwargs)
 
     entry = read_json(late, "participation.json")["1"]

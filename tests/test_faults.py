@@ -7,13 +7,11 @@ prototype bank, the experts or the generator pool.
 """
 
 from pathlib import Path
-from typing import get_args
 
 import pytest
 
-from client_app.faults import EXPECTED_RULES, FAULTS, misbehaves
-from common.config import FaultMode, parse_run_config
-from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
+from tests.fakedata import write_fake_fashion_mnist
+from tests.faults import EXPECTED_RULES, FAULTS, faulty_client_app
 from tests.runs import assert_same_state, error_reply, final_model, read_json, run
 
 BAD_PARTITION = 2
@@ -44,9 +42,8 @@ def without_bad_node(data_root, tmp_path_factory) -> Path:
 
 
 def _faulty_run(data_root: Path, results: Path, mode: str) -> Path:
-    return run(
-        data_root, results, fault_mode=mode, fault_partition=BAD_PARTITION, **MOSAIC_2_ROUNDS
-    )[1]
+    client_app = faulty_client_app(mode, BAD_PARTITION)
+    return run(data_root, results, client_app=client_app, **MOSAIC_2_ROUNDS)[1]
 
 
 def _assert_left_out(folder: Path, reference: Path) -> None:
@@ -60,10 +57,8 @@ def _assert_left_out(folder: Path, reference: Path) -> None:
     assert samples == ["client-0.png", "client-1.png"]
 
 
-def test_every_fault_mode_has_an_injector() -> None:
-    modes = set(get_args(FaultMode)) - {"none"}
-    assert set(FAULTS) == modes
-    assert set(EXPECTED_RULES) == modes - {"raise", "straggle"}
+def test_every_reply_breaking_fault_names_its_rule() -> None:
+    assert set(EXPECTED_RULES) == set(FAULTS) - {"raise", "straggle"}
 
 
 @pytest.mark.parametrize("mode", sorted(EXPECTED_RULES))
@@ -87,11 +82,10 @@ def test_client_crash_mid_round_is_a_failed_reply(data_root, tmp_path, without_b
     _assert_left_out(folder, without_bad_node)
 
 
-def test_only_the_named_partition_misbehaves_and_only_with_a_mode(data_root, tmp_path):
-    def cfg(**overrides):
-        return parse_run_config(tiny_run_config(data_root, tmp_path, **overrides))
-
-    faulty = cfg(fault_mode="raise", fault_partition=BAD_PARTITION)
-    assert misbehaves(faulty, BAD_PARTITION)
-    assert not misbehaves(faulty, BAD_PARTITION - 1)
-    assert not misbehaves(cfg(fault_partition=BAD_PARTITION), BAD_PARTITION)
+def test_only_the_named_partition_misbehaves(data_root, tmp_path) -> None:
+    grid, _ = run(
+        data_root, tmp_path, client_app=faulty_client_app("extra-key", 0), **MOSAIC_2_ROUNDS
+    )
+    train_replies = [m for m in grid.sent if m.metadata.message_type == "train"]
+    broken = {m.metadata.src_node_id for m in train_replies if "debug" in m.content}
+    assert broken == {1}  # partition 0 is node 1

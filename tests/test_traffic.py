@@ -13,16 +13,14 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 import server_app.traffic as traffic
 from common.config import (
-    UPLOADS_GENERATOR,
-    UPLOADS_PROTOTYPES,
     parse_run_config,
     pyproject_defaults,
 )
 from common.data import dataset_info, dataset_names
 from common.models import GeneratorSpec, build_classifier, build_generator, classifier_names
 from common.records import state_to_record
-from server_app.app import STRATEGIES
 from server_app.inprocess import run_inprocess
+from server_app.strategies import STRATEGIES, uploads_of
 from server_app.traffic import (
     DOWNLINK,
     TOTAL,
@@ -101,7 +99,7 @@ def _grid_for_messages():
 def test_estimates_bound_the_real_serialized_sizes_of_the_default_run() -> None:
     cfg = _cfg()
     info = dataset_info(cfg.dataset)
-    estimates = payload_estimates(cfg)
+    estimates = payload_estimates(cfg, uploads_of(cfg.strategy))
     model = build_classifier(
         cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
     )
@@ -122,20 +120,23 @@ def test_the_largest_model_the_config_allows_fits_with_the_default_generator(
     dataset: str, model: str
 ) -> None:
     widest = 4.0  # common/config.py: model-width <= 4
-    estimates = check_payload_limits(_cfg(dataset=dataset, model=model, model_width=widest))
+    cfg = _cfg(dataset=dataset, model=model, model_width=widest)
+    estimates = check_payload_limits(cfg, uploads_of(cfg.strategy))
 
     assert 0 < estimates["uplink"] < traffic.MESSAGE_BUDGET_BYTES
 
 
 def test_an_oversized_generator_fails_fast_naming_the_keys() -> None:
     with pytest.raises(PayloadTooLargeError, match="gen-channels") as error:
-        check_payload_limits(_cfg(gen_channels=4000))
+        check_payload_limits(_cfg(gen_channels=4000), uploads_of("mosaic"))
     assert "uplink" in str(error.value) and "budget" in str(error.value)
 
 
 def test_the_payload_check_leaves_the_global_rng_alone() -> None:
     state = torch.random.get_rng_state()
-    payload_estimates(_cfg(model="resnet18", model_width=4.0, gen_channels=1024))
+    payload_estimates(
+        _cfg(model="resnet18", model_width=4.0, gen_channels=1024), uploads_of("mosaic")
+    )
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -165,14 +166,15 @@ def test_a_run_records_bytes_per_node_and_record_every_round(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_each_strategy_asks_clients_for_what_the_payload_check_sizes(name: str) -> None:
-    """The pre-run check sizes uploads from common/config.py's sets: they must match what each
-    strategy's round configs actually ask clients for."""
+    """The pre-run check sizes uploads from each strategy's declared ``uploads``: they must
+    match what its round instructions actually ask clients for."""
     cfg = _cfg(strategy=name)
     strategy = build_strategy(cfg)
-    configs = [strategy.round_config(r) for r in range(1, cfg.num_rounds + 1)]
-    asks_generator = any(c.get("train-generator", False) for c in configs)
-    asks_prototypes = any(c.get("send-prototypes", False) for c in configs)
-    estimates = payload_estimates(cfg)
+    instructions = [strategy.instructions(r) for r in range(1, cfg.num_rounds + 1)]
+    asks_generator = any(i.train_generator for i in instructions)
+    asks_prototypes = any(i.send_prototypes for i in instructions)
+    uploads = uploads_of(name)
+    estimates = payload_estimates(cfg, uploads)
 
-    assert asks_generator == (name in UPLOADS_GENERATOR) == ("generator" in estimates)
-    assert asks_prototypes == (name in UPLOADS_PROTOTYPES) == ("prototypes" in estimates)
+    assert asks_generator == uploads.generator == ("generator" in estimates)
+    assert asks_prototypes == uploads.prototypes == ("prototypes" in estimates)

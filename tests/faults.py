@@ -1,10 +1,9 @@
 """Misbehaving clients, for tests: turn a correct train reply into one the server must refuse.
 
-Enabled only by the run config: ``fault-mode`` other than ``"none"`` and ``fault-partition``
-equal to this node's partition. Each mode breaks one rule of
+:func:`faulty_client_app` wraps the real ClientApp so that one partition misbehaves in every
+train round; the product never sees this module. Each mode breaks one rule of
 :func:`common.records.validate_train_reply` (the rule the server must name is in
 :data:`EXPECTED_RULES`), raises as a crashing client would, or answers after the round timeout.
-The normal path never calls into this module.
 """
 
 from __future__ import annotations
@@ -13,9 +12,12 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from common.config import RunConfig
+from common.config import RunConfig, parse_run_config
+from common.data import dataset_info
+from common.models import build_classifier
 from common.records import (
     ARRAYS,
     GENERATOR,
@@ -40,7 +42,7 @@ EXPECTED_RULES = {
 
 
 class InjectedFaultError(RuntimeError):
-    """The exception of ``fault-mode = "raise"``: a client that crashes mid-round."""
+    """The exception of the ``raise`` mode: a client that crashes mid-round."""
 
 
 def _first_float_key(record: ArrayRecord) -> str:
@@ -146,11 +148,32 @@ FAULTS: dict[str, Callable[[RecordDict, RunConfig, int], RecordDict]] = {
 }
 
 
-def misbehaves(cfg: RunConfig, partition_id: int) -> bool:
-    """Whether this partition is the one the run config tells to misbehave."""
-    return cfg.fault_mode != "none" and cfg.fault_partition == partition_id
+def faulty_client_app(
+    mode: str, partition: int, client_app: Callable[[Message, Context], Message] | None = None
+) -> Callable[[Message, Context], Message]:
+    """The ClientApp (the project's, or ``client_app``) with partition ``partition`` sending
+    train replies broken as ``mode`` says; every other node and message is left alone."""
+    if client_app is None:
+        from client_app.app import app as client_app
+    inject = FAULTS[mode]
 
+    def app(msg: Message, context: Context) -> Message:
+        reply = client_app(msg, context)
+        if (
+            msg.metadata.message_type != "train"
+            or int(context.node_config["partition-id"]) != partition
+            or reply.has_error()
+        ):
+            return reply
+        cfg = parse_run_config(context.run_config)
+        info = dataset_info(cfg.dataset)
+        with torch.random.fork_rng():  # the server shares this process: leave its RNG alone
+            model = build_classifier(
+                cfg.model,
+                num_classes=info.num_classes,
+                in_shape=info.image_shape,
+                width=cfg.model_width,
+            )
+        return Message(inject(reply.content, cfg, model.feature_dim), reply_to=msg)
 
-def inject_fault(content: RecordDict, cfg: RunConfig, *, feature_dim: int) -> RecordDict:
-    """The reply ``content`` altered as ``cfg.fault_mode`` says (in place, also returned)."""
-    return FAULTS[cfg.fault_mode](content, cfg, feature_dim)
+    return app

@@ -1,0 +1,351 @@
+"""The base every strategy here shares: Flower's FedAvg with validated replies and one round
+counter; FedProx is the same with its proximal term in the round's instructions.
+
+``CheckedFedAvg`` is Flower's FedAvg plus what every strategy needs: each reply is validated
+and decoded in one place (:func:`common.records.validate_train_reply`) before anything is
+averaged (a malformed one is dropped, logged and counted), the accepted replies are put in a
+fixed order, the client learning rate follows the run's schedule, and who took part is
+recorded. What clients upload besides weights is declared on the class (``uploads``), and so
+are the optional run-config keys a strategy reads (``reads``); the registry derives the rest.
+
+Dropouts and stragglers: a node that has not answered within ``round-timeout`` is recorded as
+missing. A round with fewer than ``min-replies`` accepted replies is skipped: the global model
+stays as it was, nothing of the round's replies is kept (no label counts, prototypes or
+generators; for a teacher strategy, a skipped ``kd-round`` means no teacher in this run), the
+round is recorded as skipped with the reason, and the next round starts as planned.
+
+Resume: ``state_dict``/``load_state_dict`` carry what a strategy learned across a restart.
+Flower's ``start`` counts rounds from 1; :meth:`CheckedFedAvg.run_round` turns that counter into
+the run's round number (adding ``rounds_done``, the rounds before this ``start``), and every
+hook reads the round through it, so a resumed run sends and logs the same rounds as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from logging import WARNING
+from typing import ClassVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.config import ConfigError, RunConfig
+from common.data import DatasetInfo
+from common.models import Classifier, GeneratorSpec, build_generator
+from common.records import (
+    ARRAYS,
+    METRICS,
+    MalformedReplyError,
+    RoundInstructions,
+    TrainReply,
+    Uploads,
+    record_to_state,
+    state_signature,
+    state_to_record,
+    validate_evaluate_reply,
+    validate_train_reply,
+)
+from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, log_uplink
+
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@dataclass
+class RoundLog:
+    """Who took part in a round and what became of their replies."""
+
+    sampled: list[int] = field(default_factory=list)
+    replied: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)  # sampled, no reply within the timeout
+    skipped: str = ""  # why the round was skipped (fewer than min-replies accepted); "" if not
+    partitions: dict[int, int] = field(default_factory=dict)  # node id -> partition id
+    seconds: float = 0.0
+    mosaic: dict[str, float] = field(default_factory=dict)  # the teacher's figures, if any
+    traffic: NodeTraffic = field(default_factory=dict)  # bytes per node, record (traffic.py)
+    evaluate_rejected: dict[int, str] = field(default_factory=dict)  # malformed evaluate replies
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A reply that passed validation: the node that sent it and what it said, decoded."""
+
+    node: int
+    message: Message
+    reply: TrainReply
+
+
+class CheckedFedAvg(FedAvg):
+    """FedAvg that validates every reply and follows the run config's lr schedule."""
+
+    uploads: ClassVar[Uploads] = Uploads()  # what clients send besides weights and counts
+    reads: ClassVar[frozenset[str]] = frozenset()  # the optional run-config keys it reads
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        template: Classifier,
+        info: DatasetInfo,
+        *,
+        device: torch.device | None = None,
+        evaluate_model: Evaluator | None = None,
+    ) -> None:
+        check_payload_limits(cfg, self.uploads)  # before a generator is built: fail fast
+        super().__init__(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            # never sample fewer nodes than a round needs replies (min-replies <= min-nodes)
+            min_train_nodes=max(min(cfg.min_nodes, 2), cfg.min_replies),
+            min_evaluate_nodes=min(cfg.min_nodes, 2),
+            min_available_nodes=cfg.min_nodes,
+        )
+        self.cfg = cfg
+        self.info = info
+        self.template = template
+        self.device = device or torch.device("cpu")
+        self.evaluate_model: Evaluator = evaluate_model or (lambda model: {})
+        self.model_signature = state_signature(template.state_dict())
+        self.generator_spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels)
+        self._generator_signature = None
+        if self.uploads.generator:
+            # Built once, off the global RNG, so the server's randomness does not depend on
+            # which strategy runs.
+            with torch.random.fork_rng():
+                self._generator_signature = state_signature(
+                    build_generator(self.generator_spec).state_dict()
+                )
+        self.rounds: dict[int, RoundLog] = {}
+        self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
+        self.rounds_done = 0  # rounds completed before this start() (set when resuming)
+        self._round_started = 0.0
+        self._instructions: list[Message] = []  # this round's train messages
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Rules of the run config that only this strategy has; raise ``ConfigError`` naming
+        the key (the schema in ``common.config`` checks everything else)."""
+
+    @staticmethod
+    def config_error(key: str, why: str) -> ConfigError:
+        """A :class:`ConfigError` worded as the schema's: the key opens its own line."""
+        return ConfigError(f"invalid run config:\n  {key}: {why}")
+
+    # --- the round counter ------------------------------------------------------------------
+    def run_round(self, flower_round: int) -> int:
+        """The run's round number for Flower's loop counter (which restarts at 1 on resume)."""
+        return flower_round + self.rounds_done
+
+    # --- schedule ---------------------------------------------------------------------------
+    def instructions(self, server_round: int) -> RoundInstructions:
+        """What every client is told this round besides the weights.
+
+        Every strategy gives its clients the same learning rate schedule, ``lr`` up to the
+        kd-round and ``finetune-lr`` after it, so that baselines do the same local work as
+        Mosaic. A FedAvg kept at ``lr`` while Mosaic fine-tunes at a lower one credits the lr
+        step to distillation (measured: it made up most of Mosaic's multi-round lead). Every
+        strategy also says what it wants besides weights, as its reply check expects it.
+        """
+        cfg = self.cfg
+        return RoundInstructions(
+            lr=cfg.finetune_lr if server_round > cfg.kd_round else cfg.lr,
+            send_prototypes=self.prototypes_expected(server_round),
+            train_generator=self.generator_signature(server_round) is not None,
+        )
+
+    def prototypes_expected(self, server_round: int) -> bool:
+        """Whether clients are asked for prototypes this round."""
+        return self.uploads.prototypes and server_round in self.cfg.prototype_rounds
+
+    def generator_signature(self, server_round: int) -> dict | None:
+        """Shapes a generator upload must have this round; None when none is expected."""
+        if server_round != self.cfg.generator_round_resolved:
+            return None
+        return self._generator_signature
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes as FedAvg does, with this round's instructions."""
+        server_round = self.run_round(server_round)
+        self._round_started = time.perf_counter()
+        round_config = ConfigRecord({**config, **self.instructions(server_round).to_config()})
+        messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        self._instructions = messages  # the grid gives them their message ids when it sends
+        self.rounds[server_round] = RoundLog(sampled=[m.metadata.dst_node_id for m in messages])
+        log_downlink(self.rounds[server_round].traffic, messages)
+        return messages
+
+    # --- replies ----------------------------------------------------------------------------
+    def validate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Accepted]:
+        """Drop error replies and malformed ones (logged with the rule broken), decode the rest.
+
+        The accepted replies come back ordered by (partition id, node id), whatever order they
+        arrived in: floating-point sums depend on the order of their terms, and replies arrive
+        in another order on every run of a simulation or deployment, so without this two runs
+        with the same seed would end with different bits.
+        """
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        accepted = []
+        for msg in replies:
+            node = self._answering_node(msg)
+            log_uplink(round_log.traffic, msg)
+            if msg.has_error():
+                round_log.failed[node] = msg.error.reason
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            try:
+                reply = validate_train_reply(
+                    msg.content,
+                    model_signature=self.model_signature,
+                    num_classes=self.info.num_classes,
+                    feature_dim=self.template.feature_dim,
+                    protos_per_class=self.cfg.protos_per_class,
+                    prototypes_expected=self.prototypes_expected(server_round),
+                    generator_signature=self.generator_signature(server_round),
+                )
+            except MalformedReplyError as error:
+                round_log.rejected[node] = error.rule
+                log(WARNING, "round %d: rejected reply of node %d (%s)", server_round, node, error)
+                continue
+            round_log.partitions[node] = reply.partition_id
+            accepted.append(Accepted(node, msg, reply))
+        accepted.sort(key=lambda entry: (entry.reply.partition_id, entry.node))
+        round_log.replied = [entry.node for entry in accepted]
+        answered = {*round_log.replied, *round_log.failed, *round_log.rejected}
+        round_log.missing = [node for node in round_log.sampled if node not in answered]
+        return accepted
+
+    def _answering_node(self, reply: Message) -> int:
+        """The node a reply answers for. The SuperLink answers for a node it lost with an error
+        reply from itself (source node id 1), so map replies through the instruction they
+        answer (``reply_to_message_id``) to that instruction's destination."""
+        destinations = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._instructions
+            if m.metadata.message_id
+        }
+        return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
+        """Keep what the server needs from the accepted replies of a round that is not skipped."""
+        for entry in accepted:
+            self.label_counts.setdefault(entry.reply.partition_id, entry.reply.label_counts)
+
+    # --- aggregation ------------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, then FedAvg over the accepted replies (weights and metrics only).
+
+        Returns ``(None, None)`` for a round with fewer than ``min-replies`` accepted replies:
+        Flower then keeps the previous global model.
+        """
+        server_round = self.run_round(server_round)
+        accepted = self.validate_replies(server_round, replies)
+        round_log = self.rounds[server_round]
+        if len(accepted) < self.cfg.min_replies:
+            round_log.skipped = (
+                f"{len(accepted)} accepted replies, min-replies is {self.cfg.min_replies}"
+            )
+            log(WARNING, "round %d skipped (%s): model kept", server_round, round_log.skipped)
+            round_log.seconds = time.perf_counter() - self._round_started
+            return None, None
+        self.keep_replies(server_round, accepted)
+        fedavg_view = [_strip_to_fedavg(entry.message) for entry in accepted]
+        arrays, metrics = super().aggregate_train(server_round, fedavg_view)
+        if arrays is not None:
+            arrays = self._like_template(arrays)
+            arrays = self.after_aggregation(server_round, arrays, accepted)
+        round_log.seconds = time.perf_counter() - self._round_started
+        return arrays, metrics
+
+    def after_aggregation(
+        self, server_round: int, arrays: ArrayRecord, accepted: list[Accepted]
+    ) -> ArrayRecord:
+        """Hook for server-side work on the new global model; FedAvg keeps it as it is."""
+        return arrays
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, told the run's round number."""
+        return super().configure_evaluate(self.run_round(server_round), arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """FedAvg's over the well-formed replies, told the run's round number.
+
+        A malformed reply (:func:`validate_evaluate_reply`) is logged and left out, as in
+        training; error replies go to FedAvg, which counts them as failures.
+        """
+        server_round = self.run_round(server_round)
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        kept = []
+        for msg in replies:
+            if not msg.has_error():
+                try:
+                    validate_evaluate_reply(msg.content)
+                except MalformedReplyError as error:
+                    node = self._answering_node(msg)
+                    round_log.evaluate_rejected[node] = error.rule
+                    log(
+                        WARNING,
+                        "round %d: rejected evaluate reply of node %d (%s)",
+                        server_round,
+                        node,
+                        error,
+                    )
+                    continue
+            kept.append(msg)
+        return super().aggregate_evaluate(server_round, kept)
+
+    # --- results and checkpoint -------------------------------------------------------------
+    def phase_of(self, server_round: int) -> str:
+        """The name of the phase a round belongs to, for the wall-time summary."""
+        return "federated-rounds"
+
+    def state_dict(self) -> dict:
+        """What the strategy gathered so far, as plain data (see ``server_app.checkpoint``)."""
+        return {
+            "rounds": {r: asdict(round_log) for r, round_log in self.rounds.items()},
+            "label-counts": dict(self.label_counts),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Take back what :meth:`state_dict` returned."""
+        self.rounds = {r: RoundLog(**round_log) for r, round_log in state["rounds"].items()}
+        self.label_counts = dict(state["label-counts"])
+
+    def _like_template(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Cast averaged arrays back to the model's dtypes (FedAvg turns int counters to float)."""
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(record_to_state(arrays))
+        return state_to_record(model.state_dict())
+
+
+def _strip_to_fedavg(msg: Message) -> Message:
+    """A view of a reply with only what FedAvg averages (it demands exactly one ArrayRecord
+    and one MetricRecord); the original keeps its prototypes and generator."""
+    content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: msg.content[METRICS]})
+    view = copy.copy(msg)
+    view.content = content
+    return view
+
+
+class FedProxStrategy(CheckedFedAvg):
+    """FedAvg whose clients add ``proximal-mu``/2 ||w - w_global||^2 to their loss; the term
+    travels in every round's instructions, as Flower's own FedProx sends it."""
+
+    reads = frozenset({"proximal-mu"})
+
+    def instructions(self, server_round: int) -> RoundInstructions:
+        return replace(super().instructions(server_round), proximal_mu=self.cfg.proximal_mu)

@@ -1,0 +1,199 @@
+"""Mosaic: per-class experts, a meta model trained on prototypes, distilled on generator data.
+
+Clients upload their generator once and, in the prototype rounds, k-means centres of their
+features under the global model; the server keeps a bounded bank of those prototypes. At
+``kd-round`` it builds one expert per class from the client models (weighted by label counts),
+a prior (``meta-prior``: the label-share mixture of the client models by default), and a meta
+model that starts from the prior and learns from the bank how to correct it with the experts'
+logits; that teacher is distilled into the FedAvg model on generator samples (the frame of
+:class:`~server_app.strategies.teacher.TeacherStrategy`). The science lives in
+``server_app.moe``, ``server_app.meta`` and ``server_app.distill``.
+
+``MosaicNoMetaStrategy``, the ablation, leaves the meta model untrained: its teacher is the
+prior alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.config import META_KEYS, PROTOTYPE_KEYS, RunConfig
+from common.models import Classifier
+from common.records import Uploads, record_to_state
+from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
+from server_app.moe import (
+    ExpertEnsemble,
+    ProbabilityMixture,
+    PrototypeBank,
+    build_experts,
+    label_share_weights,
+)
+from server_app.strategies.base import Accepted
+from server_app.strategies.teacher import ClientModels, Figures, TeacherStrategy
+
+
+class MosaicStrategy(TeacherStrategy):
+    """FedAvg rounds, then MoE + meta-model distillation at ``kd-round``, then fine-tuning."""
+
+    uploads = Uploads(generator=True, prototypes=True)
+    reads = TeacherStrategy.reads | META_KEYS | PROTOTYPE_KEYS | {"meta-prior"}
+    teacher_phase = "meta-model"
+
+    def __init__(self, cfg: RunConfig, *args, **kwargs) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.bank = PrototypeBank(max_rounds=cfg.proto_bank_rounds)
+        self.meta_model: MetaModel | None = None
+        self.sent_arrays: ArrayRecord | None = None  # the global model of the current round
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if cfg.meta_features == "global" and cfg.kd_round < 2:
+            raise cls.config_error(
+                "meta-features",
+                "'global' reads the experts' heads on the features of the global model sent in "
+                "the kd-round, and at kd-round 1 that is the untrained initial model",
+            )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
+        """As FedAvg, remembering the model sent: the round's prototypes are features of it."""
+        self.sent_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
+        super().keep_replies(server_round, accepted)
+        for entry in accepted:
+            prototypes = entry.reply.prototypes
+            if prototypes is not None:
+                self.bank.add(server_round, prototypes.features, prototypes.classes)
+
+    def build_teacher(self, clients: ClientModels) -> tuple[torch.nn.Module, Figures]:
+        """The MoE + meta teacher: per-class experts, a prior, a meta model trained on the bank.
+
+        The prior (``meta-prior``) is the label-share mixture of the client models themselves,
+        or the experts' mean; the meta model starts from it and learns, on the prototypes, how
+        the experts should correct it (:meth:`fit_meta_model`).
+        """
+        cfg = self.cfg
+        ensemble = ExpertEnsemble(self.template, build_experts(clients.states, clients.counts))
+        ensemble = ensemble.to(self.device)
+        prior = None
+        if cfg.meta_prior == "label-share":
+            weights = label_share_weights(clients.counts)
+            prior = ProbabilityMixture(self.client_models(clients.states), weights)
+            prior = prior.to(self.device)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            meta = MetaModel(
+                ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior != "none"
+            ).to(self.device)
+        meta, figures = self.fit_meta_model(meta, ensemble, prior)
+        self.meta_model = meta.eval()
+        if prior is not None and not figures:  # figures hold the meta model's, once trained
+            # An untrained meta model is its prior: skip running the experts on every KD step.
+            return prior.eval(), figures
+        body = self._sent_model() if figures and cfg.meta_features == "global" else None
+        return MosaicTeacher(ensemble, meta, prior, body).to(self.device).eval(), figures
+
+    def fit_meta_model(
+        self, meta: MetaModel, ensemble: ExpertEnsemble, prior: ProbabilityMixture | None
+    ) -> tuple[MetaModel, Figures]:
+        """Train the meta model on the prototype bank (the experts' heads over each prototype,
+        and the prior's); an empty bank leaves it at its prior."""
+        cfg = self.cfg
+        if not len(self.bank):
+            log(INFO, "Mosaic: no prototypes in the bank; the meta model keeps its prior")
+            return meta, {}
+        features, classes = self.bank.tensors()
+        log(
+            INFO,
+            "Mosaic: %d experts, %s prior, %d prototypes in the bank",
+            ensemble.num_experts,
+            cfg.meta_prior,
+            len(classes),
+        )
+        with torch.no_grad():
+            features = features.to(self.device)
+            inputs = ensemble.heads(features)
+            priors = None if prior is None else prior.heads(features)
+        trained = train_meta_model(
+            meta,
+            inputs,
+            classes.to(self.device),
+            priors=priors,
+            epochs=cfg.meta_epochs,
+            lr=cfg.meta_lr,
+            batch_size=cfg.meta_batch_size,
+            val_fraction=cfg.meta_val_fraction,
+            patience=cfg.meta_patience,
+            ema_decay=cfg.meta_ema,
+            seed=cfg.seed,
+            device=self.device,
+            progress=lambda line: log(INFO, "Mosaic meta model: %s", line),
+        )
+        return trained.model, {"meta-val-accuracy": trained.val_accuracy}
+
+    def _sent_model(self) -> Classifier:
+        """The global model this round's clients started from (``meta-features = global``)."""
+        if self.sent_arrays is None:
+            raise RuntimeError("meta-features 'global' needs the global model sent this round")
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(record_to_state(self.sent_arrays))
+        return model.eval()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["prototype-bank"] = self.bank.state_dict()
+        if self.meta_model is not None:
+            state["meta-model"] = {
+                "num-experts": self.meta_model.num_experts,
+                "weights": {k: v.cpu() for k, v in self.meta_model.state_dict().items()},
+            }
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self.bank.load_state_dict(state["prototype-bank"])
+        if "meta-model" in state:
+            with torch.random.fork_rng():  # building it must not move the restored RNG
+                meta = MetaModel(
+                    state["meta-model"]["num-experts"],
+                    self.info.num_classes,
+                    prior=self.cfg.meta_prior != "none",
+                )
+            meta.load_state_dict(state["meta-model"]["weights"])
+            self.meta_model = meta.to(self.device)
+
+
+class MosaicNoMetaStrategy(MosaicStrategy):
+    """Mosaic's teacher with an untrained meta model: its prior alone, distilled.
+
+    The prior is ``meta-prior``: the label-share mixture of the client models by default, the
+    mean of the experts with ``experts``. No prototypes are asked for.
+    """
+
+    uploads = Uploads(generator=True)
+    reads = TeacherStrategy.reads | {"meta-prior"}
+    teacher_phase = "teacher"
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        TeacherStrategy.check_config(cfg)  # no meta model is trained: its rules do not apply
+        if cfg.meta_prior == "none":
+            raise cls.config_error(
+                "meta-prior", "mosaic-no-meta's teacher is the prior alone, so it cannot be 'none'"
+            )
+
+    def fit_meta_model(
+        self, meta: MetaModel, ensemble: ExpertEnsemble, prior: ProbabilityMixture | None
+    ) -> tuple[MetaModel, Figures]:
+        return meta, {}

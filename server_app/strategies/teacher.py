@@ -1,0 +1,216 @@
+"""Strategies that build a teacher from the client models at ``kd-round`` and transfer it.
+
+``TeacherStrategy`` is FedAvg plus one frame, shared by Mosaic and every baseline that builds a
+teacher: after each round of the kd schedule (``RunConfig.kd_rounds``) it builds the teacher
+from the round's accepted client models (:meth:`TeacherStrategy.build_teacher`, abstract),
+evaluates it and the FedAvg model, transfers the teacher into that model
+(:meth:`TeacherStrategy.transfer`: by default distillation on the clients' generator samples)
+and evaluates the result. A leaf overrides only those two hooks and declares what its clients
+upload; nothing branches on a strategy's name.
+
+``TeacherOnlyStrategy`` is the frame for teachers reported as they are (the ensemble and the
+label-share mixture): built once at ``kd-round``, evaluated, never transferred.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from common.config import DISTILLATION_KEYS, GENERATOR_KEYS, RunConfig
+from common.data import generator_to_classifier_input
+from common.models import Classifier, Generator, build_generator
+from common.records import Uploads, record_to_state, state_to_record
+from server_app.distill import DistillResult, distill
+from server_app.moe import ExpertEnsemble
+from server_app.strategies.base import Accepted, CheckedFedAvg
+
+Figures = dict[str, float]
+
+
+@dataclass(frozen=True)
+class ClientModels:
+    """The accepted client models of a round, in partition order, with their label counts."""
+
+    states: list[dict[str, torch.Tensor]]
+    counts: np.ndarray  # [clients, classes]
+
+
+class TeacherStrategy(CheckedFedAvg):
+    """FedAvg rounds, a teacher built and transferred after each round of the kd schedule."""
+
+    uploads = Uploads(generator=True)
+    reads = DISTILLATION_KEYS | GENERATOR_KEYS | {"kd-every"}
+    teacher_phase = "teacher"  # the name of the teacher's phase in the wall-time summary
+
+    def __init__(self, cfg: RunConfig, *args, **kwargs) -> None:
+        super().__init__(cfg, *args, **kwargs)
+        self.generators: dict[int, dict[str, torch.Tensor]] = {}  # partition id -> weights
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """The teacher is built after ``kd-round``, from generators and prototypes sent by then."""
+        if cfg.kd_round > cfg.num_rounds:
+            raise cls.config_error(
+                "kd-round",
+                f"{cfg.kd_round} is after the last round (num-rounds = {cfg.num_rounds})",
+            )
+        if cfg.proto_start_round > cfg.kd_round:
+            raise cls.config_error(
+                "proto-start-round",
+                f"{cfg.proto_start_round} is after kd-round {cfg.kd_round}, so the prototype "
+                "bank would be empty",
+            )
+        if cfg.generator_round > cfg.kd_round:
+            raise cls.config_error(
+                "generator-round", f"{cfg.generator_round} is after kd-round {cfg.kd_round}"
+            )
+
+    # --- the hooks a leaf overrides ---------------------------------------------------------
+    @abstractmethod
+    def build_teacher(self, clients: ClientModels) -> tuple[torch.nn.Module, Figures]:
+        """The teacher of this round and any figures of its making (e.g. the meta model's)."""
+
+    def transfer(
+        self, student: Classifier, teacher: torch.nn.Module, clients: ClientModels
+    ) -> DistillResult | None:
+        """Distill ``teacher`` into ``student`` on the client generators' samples (in place).
+
+        None when no generator arrived (nothing is distilled).
+        """
+        cfg = self.cfg
+        generators, weights = self._generators()
+        if not generators:
+            log(WARNING, "%s: no generator arrived; distillation skipped", cfg.strategy)
+            return None
+        return distill(
+            student,
+            teacher,
+            generators,
+            to_input=lambda x: generator_to_classifier_input(x, self.info),
+            steps=cfg.kd_steps,
+            batch_per_generator=cfg.kd_batch_per_generator,
+            lr=cfg.kd_lr,
+            alpha=cfg.kd_alpha,
+            beta=cfg.kd_beta,
+            temperature=cfg.kd_temperature,
+            generator_weights=weights,
+            proximal_mu=cfg.kd_proximal_mu,
+            ema=cfg.kd_ema,
+            device=self.device,
+            seed=cfg.seed,
+            progress=lambda line: log(INFO, "%s distillation: %s", cfg.strategy, line),
+        )
+
+    def teacher_rounds(self) -> list[int]:
+        """The rounds after which a teacher is built (and transferred): the kd schedule."""
+        return self.cfg.kd_rounds
+
+    # --- the frame --------------------------------------------------------------------------
+    def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
+        super().keep_replies(server_round, accepted)
+        for entry in accepted:
+            if entry.reply.generator_state is not None:
+                self.generators[entry.reply.partition_id] = entry.reply.generator_state
+
+    def after_aggregation(
+        self, server_round: int, arrays: ArrayRecord, accepted: list[Accepted]
+    ) -> ArrayRecord:
+        if server_round not in self.teacher_rounds():
+            return arrays
+        clients = ClientModels(
+            states=[entry.reply.state for entry in accepted],
+            counts=np.array([entry.reply.label_counts for entry in accepted]),
+        )
+        student = copy.deepcopy(self.template)
+        student.load_state_dict(record_to_state(arrays))
+        self.rounds[server_round].mosaic = self.teach(student, clients)
+        return state_to_record(student.state_dict())
+
+    def teach(self, student: Classifier, clients: ClientModels) -> Figures:
+        """Build the teacher, transfer it into ``student``; evaluate both, before and after.
+
+        The teacher and the student before and after are evaluated, and the two phases timed
+        (``meta-seconds``: building the teacher, ``kd-seconds``: the transfer).
+        """
+        started = time.perf_counter()
+        teacher, figures = self.build_teacher(clients)
+        figures["meta-seconds"] = time.perf_counter() - started
+        figures.update({f"teacher-{k}": v for k, v in self.evaluate_model(teacher).items()})
+        figures.update({f"pre-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+
+        started = time.perf_counter()
+        result = self.transfer(student, teacher, clients)
+        if result is None:
+            return figures
+        figures["kd-seconds"] = time.perf_counter() - started
+        figures["kd-agreement"] = result.teacher_student_agreement
+        figures.update({f"post-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+        log(
+            INFO,
+            "%s: teacher %.4f, global before KD %.4f, after KD %.4f",
+            self.cfg.strategy,
+            figures["teacher-accuracy"],
+            figures["pre-kd-accuracy"],
+            figures["post-kd-accuracy"],
+        )
+        return figures
+
+    def client_models(self, states: list[dict[str, torch.Tensor]]) -> ExpertEnsemble:
+        """The client models themselves, side by side (for the label-share and plain mixtures)."""
+        return ExpertEnsemble(self.template, dict(enumerate(states))).to(self.device)
+
+    def _generators(self) -> tuple[list[Generator], list[float] | None]:
+        """The clients' generators in partition order, and their weights (``kd-generator-
+        weighting``: None for uniform, else each holder's sample count or class coverage)."""
+        generators = []
+        for partition_id in sorted(self.generators):
+            generator = build_generator(self.generator_spec)
+            generator.load_state_dict(self.generators[partition_id])
+            generators.append(generator.to(self.device))
+        weighting = self.cfg.kd_generator_weighting
+        if weighting == "uniform" or not generators:
+            return generators, None
+        held = {pid: self.label_counts[pid] for pid in sorted(self.generators)}
+        if weighting == "size":
+            return generators, [float(sum(c)) for c in held.values()]
+        return generators, [float(sum(1 for n in c if n > 0)) for c in held.values()]
+
+    # --- results and checkpoint -------------------------------------------------------------
+    def phase_of(self, server_round: int) -> str:
+        if self.uploads.generator and server_round == self.cfg.generator_round_resolved:
+            return "generator-round (local training + generator training)"
+        return "warm-up-rounds" if server_round <= self.cfg.kd_round else "fine-tune-rounds"
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "generators": dict(self.generators)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self.generators = dict(state["generators"])
+
+
+class TeacherOnlyStrategy(TeacherStrategy):
+    """A teacher reported as it is: built and evaluated once, at ``kd-round``, never
+    transferred (the global model stays FedAvg's). Its clients upload nothing extra."""
+
+    uploads = Uploads()
+    reads = frozenset()
+
+    def transfer(
+        self, student: Classifier, teacher: torch.nn.Module, clients: ClientModels
+    ) -> DistillResult | None:
+        return None
+
+    def teacher_rounds(self) -> list[int]:
+        """Once, at kd-round (``kd-every`` moves nothing for a teacher that is not transferred)."""
+        return [self.cfg.kd_round]
