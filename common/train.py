@@ -170,7 +170,7 @@ def compute_prototypes(
 ) -> Prototypes:
     """Per class, up to ``per_class`` k-means centres of penultimate features.
 
-    Privacy rule (MOSAIC.md): every centre summarises at least ``min_samples`` samples. A class
+    Privacy rule (docs/method.md): every centre summarises at least ``min_samples`` samples. A class
     gets k = min(per_class, n // min_samples) clusters; clusters that end up smaller than
     ``min_samples`` are merged away by dropping them (their points are not sent on their own),
     and a class with fewer than ``min_samples`` samples sends nothing.
