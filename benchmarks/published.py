@@ -1,8 +1,9 @@
 """Published one-shot numbers beside ours, per alpha, marked as published.
 
 The published figures are the DENSE paper's Table 1 (one-shot, 5 clients). They come from
-another CNN, other local epochs and other splits, so they orient rather than compare one-to-one; the table says so. Ours are the mean over the seeds
-recorded, of the same records (and the same accuracy per method) as the suite's own table.
+another CNN, other local epochs and other splits, so they orient rather than compare
+one-to-one; the table says so. Ours are the mean over the seeds recorded, of the same records
+(and the same accuracy per method) as the suite's own table.
 """
 
 from __future__ import annotations
