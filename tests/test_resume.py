@@ -115,6 +115,34 @@ def test_resumed_run_ends_as_the_uninterrupted_run(
         assert samples == sorted(p.name for p in reference.iterdir())
 
 
+def test_a_rejected_evaluate_reply_after_resume_is_filed_under_its_round(
+    data_root, tmp_path
+) -> None:
+    """Every hook reads the run's round (Flower's counter restarts at 1 on resume)."""
+    options = {"strategy": "fedavg", "num_rounds": 2, "fraction_evaluate": 1.0}
+    train_replies: list[int] = []
+
+    def crash_in_round_2(node_id: int, reply: Message) -> Message:
+        if reply.metadata.message_type == "train":
+            train_replies.append(node_id)
+            if len(train_replies) == NUM_NODES + 1:
+                raise Crash("stopped in round 2")
+        return reply
+
+    def nan_accuracy(node_id: int, reply: Message) -> Message:
+        if node_id == 3 and reply.metadata.message_type == "evaluate":
+            reply.content["metrics"]["accuracy"] = float("nan")
+        return reply
+
+    with pytest.raises(Crash):
+        run(data_root, tmp_path, tamper=crash_in_round_2, **options)
+    _, folder = run(data_root, tmp_path, tamper=nan_accuracy, resume=True, **options)
+
+    participation = read_json(folder, "participation.json")
+    assert participation["1"]["evaluate_rejected"] == {}
+    assert participation["2"]["evaluate_rejected"] == {"3": "accuracy"}
+
+
 KILL_IN_ROUND_3 = f"""
 import json, os, signal, sys
 import torch
