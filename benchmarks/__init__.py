@@ -33,8 +33,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.reply_cache import ReplyCache
 from benchmarks.report import (
     method_accuracy,
@@ -58,6 +56,7 @@ from benchmarks.suites import (
 )
 from common.config import ConfigError, pyproject_defaults
 from deploy.simulation import parse_set
+from server_app.results import RunResults
 from server_app.strategies import validate_run_config
 
 __all__ = [
@@ -87,27 +86,6 @@ PYPROJECT = REPO / "pyproject.toml"
 # The document that quotes the generated tables (between ``<!-- generated: PATH -->`` markers).
 DOCS_RESULTS = REPO / "docs" / "results.md"
 Runner = Callable[[Mapping[str, Any], int], Any]
-
-
-def _bytes_per_client(folder: Path) -> dict[str, float]:
-    """Mean total bytes per client over the run, down and up, from participation.json.
-
-    Reads the per-node ``traffic`` each round log carries (server_app/traffic.py); a run
-    without it gives ``{}``.
-    """
-    path = folder / "participation.json"
-    if not path.exists():
-        return {}
-    result = {}
-    for direction in ("downlink", "uplink"):
-        per_node: dict[str, int] = {}
-        for round_log in json.loads(path.read_text()).values():
-            for node, sizes in round_log.get("traffic", {}).items():
-                if direction in sizes:
-                    per_node[node] = per_node.get(node, 0) + sizes[direction]["total"]
-        if per_node:
-            result[direction] = float(np.mean(list(per_node.values())))
-    return result
 
 
 def _reset_peak_rss() -> None:
@@ -204,13 +182,11 @@ def run_cell(
             wall_seconds=round(time.perf_counter() - started, 1),
         )
         return record
-    folder = runs_dir / cell.key
-    metrics = json.loads((folder / "metrics.json").read_text())
-    rounds = {int(r): values for r, values in metrics["rounds"].items()}
+    results = RunResults.read(runs_dir / cell.key)
+    rounds = results.rounds
     last = rounds[max(rounds)]
     distilled = distillations(rounds)
     kd = distilled.get(int(config["kd-round"]), {})
-    label_counts_path = folder / "label_counts.json"
     record.update(
         status="ok",
         final_accuracy=last.get("accuracy"),
@@ -219,15 +195,13 @@ def run_cell(
         pre_kd_accuracy=kd.get("pre_kd"),
         post_kd_accuracy=kd.get("post_kd"),
         distillations=distilled,
-        phase_seconds=metrics.get("phase-seconds", {}),
+        phase_seconds=results.phase_seconds,
         wall_seconds=round(time.perf_counter() - started, 1),
-        bytes_per_client=_bytes_per_client(folder),
+        bytes_per_client=results.bytes_per_client(),
         peak_rss_mb=round(_peak_rss_mb(), 1),
         peak_gpu_mb=_peak_gpu_mb(),
         hardware=hardware(),
-        label_counts=(
-            json.loads(label_counts_path.read_text()) if label_counts_path.exists() else {}
-        ),
+        label_counts=results.label_counts,
     )
     if reply_cache is not None:
         record["client_replies"] = {

@@ -1,7 +1,8 @@
 """Client-side generator training: a DCGAN steered by the client's own frozen classifier.
 
 Each client trains one generator that imitates its data and uploads it once; the server later
-draws distillation samples from it. The generator loss is (docs/method.md, "Generator (client side)")
+draws distillation samples from it. The generator loss is (docs/method.md, "Generator (client
+side)")
 
     lambda_adv * L_adv + lambda_div * L_div + lambda_ent * L_ent + lambda_inv * L_inv
 

@@ -68,6 +68,7 @@ from deploy.simulation import (
     stop_processes,
     stream_flwr_run,
 )
+from server_app.results import RunResults
 from server_app.strategies import uploads_of
 from server_app.traffic import DOWNLINK, TOTAL, UPLINK, check_payload_limits
 
@@ -330,12 +331,11 @@ def _megabytes(value: float) -> str:
 
 def print_traffic(folder: Path) -> None:
     """Bytes per round per client, from participation.json (per-record means over clients)."""
-    path = folder / "participation.json"
-    if not path.is_file():
+    participation = RunResults.read(folder).participation
+    if not participation:
         return
-    participation = json.loads(path.read_text())
     print("bytes per client per round (downlink = server to client, uplink = client to server):")
-    for server_round, round_log in sorted(participation.items(), key=lambda item: int(item[0])):
+    for server_round, round_log in sorted(participation.items()):
         parts = []
         for direction in (DOWNLINK, UPLINK):
             sizes = [t[direction] for t in round_log.get("traffic", {}).values() if direction in t]

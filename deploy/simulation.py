@@ -24,7 +24,7 @@ What it does, in order:
 4. Ask ``flwr ls`` for the run's status: ``flwr run --stream`` exits 0 even when the run failed.
 5. Always (also on Ctrl-C, SIGTERM, a timeout) stop that SuperLink and everything it spawned
    (SuperExec, flwr-simulation, Ray), found by PID through ``/proc`` (Linux).
-6. Print the final report from ``<results-dir>/<run-name>/metrics.json``.
+6. Print the final report from ``<results-dir>/<run-name>/`` (``server_app.results``).
 
 Exit status: 0 run completed, 1 run failed, 2 invalid config or missing data, 124 timed out,
 128 + signal number when interrupted.
@@ -58,6 +58,7 @@ import torch
 from common.config import ConfigError, RunConfig, Strategy, parse_run_config, pyproject_defaults
 from common.data import DatasetNotFoundError, load_dataset
 from common.train import resolve_device
+from server_app.results import RunResults
 from server_app.strategies import validate_run_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -381,25 +382,10 @@ def stream_flwr_run(command: list[str], env: Mapping[str, str], timeout: float |
 
 
 def print_report(folder: Path) -> None:
-    """The numbers a user looks for first, read back from ``metrics.json``."""
-    metrics_path = folder / "metrics.json"
-    if not metrics_path.is_file():
-        print(f"No metrics.json in {folder}")
-        return
-    metrics = json.loads(metrics_path.read_text())
-    rounds = {int(r): values for r, values in metrics["rounds"].items()}
+    """The numbers a user looks for first, read back from the results folder."""
     print("\n==== final report ====")
-    if rounds:
-        last = max(rounds)
-        print(f"final test accuracy: {rounds[last]['accuracy']:.4f} (round {last})")
-    for key in ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy"):
-        for server_round, values in sorted(rounds.items()):
-            if key in values:
-                print(f"{key}: {values[key]:.4f} (round {server_round})")
-    phases = metrics.get("phase-seconds", {})
-    for phase, seconds in sorted(phases.items(), key=lambda item: item[0] == "total"):
-        print(f"wall time, {phase}: {seconds:.1f} s")
-    print(f"results: {folder}")
+    for line in RunResults.read(folder).summary_lines():
+        print(line)
 
 
 # --- command line -----------------------------------------------------------------------------

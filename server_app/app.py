@@ -37,7 +37,7 @@ from server_app.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from server_app.report import RunReport
+from server_app.results import RunReport, RunResults
 from server_app.strategies import STRATEGIES, CheckedFedAvg, validate_run_config
 from server_app.strategies.teacher import TeacherStrategy
 
@@ -168,21 +168,8 @@ def resume(
 
 
 def _log_summary(cfg: RunConfig, report: RunReport) -> None:
-    last = report.rounds[max(report.rounds)]
+    """The run's summary, as the launchers print it (read back through ``RunResults``)."""
     log(INFO, "")
-    log(
-        INFO,
-        "==== %s on %s (%s, alpha=%s) ====",
-        cfg.strategy,
-        cfg.dataset,
-        cfg.partitioning,
-        cfg.alpha,
-    )
-    log(INFO, "final test accuracy: %.4f (round %d)", last["accuracy"], max(report.rounds))
-    kd = report.rounds.get(cfg.kd_round, {})
-    for key in ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy"):
-        if key in kd:
-            log(INFO, "%s: %.4f", key, kd[key])
-    for phase, seconds in report.phases.items():
-        log(INFO, "wall time %s: %.1f s", phase, seconds)
-    log(INFO, "results: %s", report.folder)
+    header = f"==== {cfg.strategy} on {cfg.dataset} ({cfg.partitioning}, alpha={cfg.alpha}) ===="
+    for line in [header, *RunResults.read(report.folder).summary_lines()]:
+        log(INFO, "%s", line)

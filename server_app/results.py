@@ -1,6 +1,12 @@
-"""The results folder of a run: config, per-round metrics, label counts, model, plots, samples.
+"""The results folder of a run: one schema, written and read here.
 
-Every file is rewritten after each round, so a run that stops early still leaves its history.
+``<results-dir>/<run-name>/`` holds ``config.json`` (the run config), ``metrics.json`` (per
+round: test accuracy and loss, wall time, replies; at a teacher round its figures; and wall time
+per phase), ``participation.json`` (per round: who was sampled, replied, failed, was rejected
+and why, bytes per node and record), ``label_counts.json`` (per client), ``final_model.pt`` (a
+plain state dict), ``accuracy.png`` and ``generator_samples/``. :class:`RunReport` writes them
+(every file is rewritten after each round, so a run that stops early still leaves its history);
+:class:`RunResults` reads them back for the launchers' reports and the benchmark records.
 """
 
 from __future__ import annotations
@@ -8,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,15 @@ from torchvision.utils import save_image
 from common.config import RunConfig
 from common.data import DatasetInfo, classifier_input_to_pixels, generator_to_classifier_input
 from common.models import GeneratorSpec, build_generator
+
+CONFIG, METRICS, PARTICIPATION, LABEL_COUNTS, FINAL_MODEL = (
+    "config.json",
+    "metrics.json",
+    "participation.json",
+    "label_counts.json",
+    "final_model.pt",
+)
+TEACHER_FIGURES = ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy")
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -41,7 +57,7 @@ class RunReport:
         self.cfg = cfg
         self.rounds: dict[int, dict[str, Any]] = {}
         self.phases: dict[str, float] = {}
-        _write_json(self.folder / "config.json", run_config)
+        _write_json(self.folder / CONFIG, run_config)
 
     def record_round(self, server_round: int, **values: Any) -> None:
         """Merge ``values`` into the round's entry and rewrite metrics.json."""
@@ -63,7 +79,7 @@ class RunReport:
 
     def _write_metrics(self) -> None:
         _write_json(
-            self.folder / "metrics.json",
+            self.folder / METRICS,
             {
                 "rounds": {str(r): v for r, v in sorted(self.rounds.items())},
                 "phase-seconds": self.phases,
@@ -72,19 +88,19 @@ class RunReport:
 
     def write_label_counts(self, label_counts: dict[int, list[int]]) -> None:
         _write_json(
-            self.folder / "label_counts.json",
+            self.folder / LABEL_COUNTS,
             {f"client-{pid}": counts for pid, counts in sorted(label_counts.items())},
         )
 
     def write_participation(self, rounds: dict[int, Any]) -> None:
         _write_json(
-            self.folder / "participation.json",
+            self.folder / PARTICIPATION,
             {str(r): asdict(log) for r, log in sorted(rounds.items())},
         )
 
     def write_model(self, state: dict[str, torch.Tensor]) -> Path:
         """The final global model as a plain state dict: load with ``weights_only=True``."""
-        path = self.folder / "final_model.pt"
+        path = self.folder / FINAL_MODEL
         torch.save({k: v.cpu() for k, v in state.items()}, path)
         return path
 
@@ -142,3 +158,69 @@ class RunReport:
             save_image(classifier_input_to_pixels(images, info), path, nrow=8)
             paths.append(path)
         return paths
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """A results folder read back: what :class:`RunReport` wrote, with round numbers as ints."""
+
+    folder: Path
+    rounds: dict[int, dict[str, Any]]
+    phase_seconds: dict[str, float]
+    participation: dict[int, dict[str, Any]]
+    label_counts: dict[str, list[int]]
+
+    @classmethod
+    def read(cls, folder: Path) -> RunResults:
+        """Read ``folder``; files a run did not get to write read as empty."""
+        metrics = _read_json(folder / METRICS, {})
+        return cls(
+            folder=folder,
+            rounds={int(r): v for r, v in metrics.get("rounds", {}).items()},
+            phase_seconds=dict(metrics.get("phase-seconds", {})),
+            participation={int(r): v for r, v in _read_json(folder / PARTICIPATION, {}).items()},
+            label_counts=_read_json(folder / LABEL_COUNTS, {}),
+        )
+
+    @property
+    def last_round(self) -> int | None:
+        return max(self.rounds) if self.rounds else None
+
+    def teacher_rounds(self) -> dict[int, Mapping[str, Any]]:
+        """The rounds that built a teacher (``teacher-accuracy`` recorded), in order."""
+        return {r: v for r, v in sorted(self.rounds.items()) if "teacher-accuracy" in v}
+
+    def bytes_per_client(self) -> dict[str, float]:
+        """Mean total bytes per client over the run, ``downlink`` and ``uplink`` (from the
+        per-node ``traffic`` of each round; a run without it gives ``{}``)."""
+        result = {}
+        for direction in ("downlink", "uplink"):
+            per_node: dict[str, int] = {}
+            for round_log in self.participation.values():
+                for node, sizes in round_log.get("traffic", {}).items():
+                    if direction in sizes:
+                        per_node[node] = per_node.get(node, 0) + sizes[direction]["total"]
+            if per_node:
+                result[direction] = sum(per_node.values()) / len(per_node)
+        return result
+
+    def summary_lines(self) -> list[str]:
+        """What a user looks for first: final accuracy, the teacher's figures, wall times."""
+        if self.last_round is None:
+            return [f"no metrics in {self.folder}"]
+        last = self.last_round
+        lines = [f"final test accuracy: {self.rounds[last]['accuracy']:.4f} (round {last})"]
+        for server_round, values in self.teacher_rounds().items():
+            lines += [
+                f"{key}: {values[key]:.4f} (round {server_round})"
+                for key in TEACHER_FIGURES
+                if key in values
+            ]
+        phases = sorted(self.phase_seconds.items(), key=lambda item: item[0] == "total")
+        lines += [f"wall time, {phase}: {seconds:.1f} s" for phase, seconds in phases]
+        lines.append(f"results: {self.folder}")
+        return lines
