@@ -3,6 +3,7 @@
 #   make run                      set up, then run the default profile in Flower simulation
 #   make run-fedavg               the same run with the FedAvg baseline
 #   make test                     set up, then run the test suite
+#   make test-unit                set up, then the unit tests only (about a minute)
 #   make bench                    set up, then the quick benchmark suite (docs/results.md)
 #   make gpu-check                on a GPU machine: the CUDA tests, then the speed cells
 #
@@ -23,7 +24,7 @@ SUITE ?= quick
 BENCH_ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: setup run run-fedavg test bench gpu-check lint clean-results
+.PHONY: setup run run-fedavg test test-unit bench gpu-check lint clean-results
 
 setup:
 	bash scripts/setup.sh
@@ -36,6 +37,9 @@ run-fedavg: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benchmarks --suite $(SUITE) $(BENCH_ARGS)

@@ -1,4 +1,8 @@
-"""Shared test setup: small, deterministic, single-threaded torch (the machine has 2 cores)."""
+"""Shared test setup: small, deterministic, single-threaded torch (the machine has 2 cores).
+
+Every test is ``unit`` unless its module or itself is marked ``integration`` (whole runs of the
+app in this process) or ``system`` (real Flower processes): ``pytest -m unit`` is the fast set.
+"""
 
 import os
 
@@ -12,3 +16,9 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in ("integration", "system")):
+            item.add_marker(pytest.mark.unit)

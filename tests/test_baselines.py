@@ -85,6 +85,7 @@ def test_ensemble_teacher_is_the_plain_probability_average() -> None:
     assert torch.allclose(teacher(torch.zeros(1, 1))[0].exp(), expected, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("strategy", "distilled"),
     [("ensemble", False), ("label-share", False), ("feddf", True), ("mosaic-no-meta", True)],

@@ -22,6 +22,8 @@ from benchmarks.report import GENERATED_END, generated_marker, refresh_generated
 from server_app.inprocess import run_inprocess
 from tests.fakedata import OTHER_VALUES, TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 CELLS = [
     Cell("fashion-mnist", 1.0, 3, "one-shot", "fedavg", 0),
     Cell("fashion-mnist", 1.0, 3, "one-shot", "label-share", 0),

@@ -243,6 +243,7 @@ def data_root(tmp_path_factory) -> Path:
     return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
 
 
+@pytest.mark.integration
 def test_dense_runs_in_process_without_client_generators(data_root, tmp_path) -> None:
     _, folder = run(data_root, tmp_path, strategy="dense")
     kd = read_json(folder, "metrics.json")["rounds"]["2"]

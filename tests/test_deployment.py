@@ -47,6 +47,7 @@ QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
 RUN_TIMEOUT = 600.0  # seconds for one real run
 
 linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+pytestmark = pytest.mark.system  # real SuperLink and SuperNode processes, and the compose file
 
 
 @pytest.fixture(scope="module")

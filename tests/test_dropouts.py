@@ -19,6 +19,8 @@ from tests.runs import (
     run,
 )
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:

@@ -14,6 +14,8 @@ from tests.fakedata import write_fake_fashion_mnist
 from tests.faults import EXPECTED_RULES, FAULTS, faulty_client_app
 from tests.runs import assert_same_state, error_reply, final_model, read_json, run
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 BAD_PARTITION = 2
 BAD_NODE = str(BAD_PARTITION + 1)
 GOOD_NODES = [1, 2]

@@ -28,6 +28,8 @@ from server_app.inprocess import run_inprocess
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
 from tests.runs import NUM_NODES
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 TRAIN_RECORDS = {
     ARRAYS: ArrayRecord,
     METRICS: MetricRecord,

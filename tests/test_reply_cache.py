@@ -16,6 +16,8 @@ from common.models import build_classifier
 from common.records import ARRAYS, state_to_record
 from tests.fakedata import OTHER_VALUES, TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:

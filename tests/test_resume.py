@@ -27,6 +27,8 @@ from server_app.checkpoint import (
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
 from tests.runs import NUM_NODES, Tamper, assert_same_state, final_model, read_json, run
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 REPO = Path(__file__).resolve().parents[1]
 # fraction-train 0.5 samples 2 of the 3 nodes each round (FedAvg samples at least 2), so a
 # resumed run that did not restore the server's RNG would sample other nodes than the original.

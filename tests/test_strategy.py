@@ -15,6 +15,8 @@ from common.records import ARRAYS, LABEL_COUNTS, OPTIONAL_KEYS, REQUIRED_KEYS
 from tests.fakedata import write_fake_fashion_mnist
 from tests.runs import NUM_NODES, assert_same_state, error_reply, final_model, read_json, run
 
+pytestmark = pytest.mark.integration  # whole runs of the app in this process
+
 KD_FIGURES = (
     "teacher-accuracy",
     "pre-kd-accuracy",

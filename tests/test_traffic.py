@@ -140,6 +140,7 @@ def test_the_payload_check_leaves_the_global_rng_alone() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.integration
 def test_a_run_records_bytes_per_node_and_record_every_round(tmp_path: Path) -> None:
     data_root = write_fake_fashion_mnist(tmp_path / "data")
     config = tiny_run_config(data_root, tmp_path / "results")
