@@ -89,19 +89,8 @@ def train(msg: Message, context: Context) -> Message:
             seed=seed,
         )
 
-    result = train_local(
-        model,
-        images,
-        labels,
-        steps=cfg.local_steps_for(len(labels)),
-        batch_size=cfg.batch_size,
-        lr=instructions.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        proximal_mu=instructions.proximal_mu,
-        device=device,
-        seed=seed,
-    )
+    local = cfg.local_training(len(labels), instructions.lr, instructions.proximal_mu)
+    result = train_local(model, images, labels, local, device=device, seed=seed)
     counts = label_counts(labels, info.num_classes)
 
     generator_state = None
@@ -110,16 +99,10 @@ def train(msg: Message, context: Context) -> Message:
         trained = train_generator(
             model,
             images,
+            cfg.generator_training,
             spec=GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels),
             to_input=lambda x: generator_to_classifier_input(x, info),
             label_counts=counts,
-            steps=cfg.gen_steps,
-            batch_size=cfg.gen_batch_size,
-            lr=cfg.gen_lr,
-            lambda_adv=cfg.lambda_adv,
-            lambda_div=cfg.lambda_div,
-            lambda_ent=cfg.lambda_ent,
-            lambda_inv=cfg.lambda_inv,
             device=device,
             seed=seed,
             progress=lambda line: log(INFO, "client %d generator: %s", partition_id, line),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +108,80 @@ MetaPrior = Literal["label-share", "experts", "none"]
 # code), or every expert's head on the features of the global model the kd-round sent, the
 # feature space the prototypes it was trained on were taken in (docs/results.md).
 MetaFeatures = Literal["experts", "global"]
+
+
+# --- per-phase views: what each training loop reads, built from the run config ---------------
+# Each loop takes one of these instead of a long list of keywords; the defaults are the ones a
+# test or a notebook gets without a run config (the run's own values come from RunConfig).
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """A client's SGD in one round (``common.train.train_local``)."""
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    proximal_mu: float = 0.0  # FedProx's term, from the round's instructions
+
+
+@dataclass(frozen=True)
+class GeneratorTraining:
+    """A client's generator training (``common.generator.train_generator``)."""
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lambda_adv: float = 1.0
+    lambda_div: float = 5.0
+    lambda_ent: float = 0.0
+    lambda_inv: float = 0.0
+
+
+@dataclass(frozen=True)
+class MetaTraining:
+    """The server's meta-model training (``server_app.meta.train_meta_model``)."""
+
+    epochs: int
+    lr: float = 1e-3
+    batch_size: int = 128
+    val_fraction: float = 0.2
+    patience: int = 5
+    ema_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """The server's distillation on client generators (``server_app.distill.distill``)."""
+
+    steps: int
+    batch_per_generator: int = 32
+    lr: float = 1e-4
+    alpha: float = 0.8
+    beta: float = 1.0
+    temperature: float = 1.0
+    proximal_mu: float = 0.0
+    ema: float = 0.0
+
+
+@dataclass(frozen=True)
+class DenseTraining:
+    """DENSE's alternating generator and student steps (``server_app.dense.train_dense``)."""
+
+    steps: int
+    batch_size: int
+    kd_lr: float = 1e-4
+    gen_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lambda_bn: float = 1.0
+    lambda_adv: float = 1.0
+    generator_steps: int = 1
+    alpha: float = 0.8
+    beta: float = 1.0
+    temperature: float = 1.0
 
 
 def _kebab(name: str) -> str:
@@ -245,6 +320,69 @@ class RunConfig(BaseModel):
         in a space the other heads do not share (in one-shot runs this lowered the teacher from
         87.9% to 74.1%). So a one-shot run has no prototypes and the meta model its prior."""
         return range(max(2, self.proto_start_round), self.kd_rounds[-1] + 1)
+
+    def local_training(self, num_samples: int, lr: float, proximal_mu: float) -> LocalTraining:
+        """The round's local SGD for a client holding ``num_samples`` (``lr`` and FedProx's
+        term come with the round's instructions)."""
+        return LocalTraining(
+            steps=self.local_steps_for(num_samples),
+            batch_size=self.batch_size,
+            lr=lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            proximal_mu=proximal_mu,
+        )
+
+    @property
+    def generator_training(self) -> GeneratorTraining:
+        return GeneratorTraining(
+            steps=self.gen_steps,
+            batch_size=self.gen_batch_size,
+            lr=self.gen_lr,
+            lambda_adv=self.lambda_adv,
+            lambda_div=self.lambda_div,
+            lambda_ent=self.lambda_ent,
+            lambda_inv=self.lambda_inv,
+        )
+
+    @property
+    def meta_training(self) -> MetaTraining:
+        return MetaTraining(
+            epochs=self.meta_epochs,
+            lr=self.meta_lr,
+            batch_size=self.meta_batch_size,
+            val_fraction=self.meta_val_fraction,
+            patience=self.meta_patience,
+            ema_decay=self.meta_ema,
+        )
+
+    @property
+    def distillation(self) -> Distillation:
+        return Distillation(
+            steps=self.kd_steps,
+            batch_per_generator=self.kd_batch_per_generator,
+            lr=self.kd_lr,
+            alpha=self.kd_alpha,
+            beta=self.kd_beta,
+            temperature=self.kd_temperature,
+            proximal_mu=self.kd_proximal_mu,
+            ema=self.kd_ema,
+        )
+
+    def dense_training(self, num_clients: int) -> DenseTraining:
+        """DENSE's steps; a batch is ``kd-batch-per-generator`` per client (at least 2, for
+        the generator's BatchNorm)."""
+        return DenseTraining(
+            steps=self.kd_steps,
+            batch_size=max(2, self.kd_batch_per_generator * num_clients),
+            kd_lr=self.kd_lr,
+            gen_lr=self.gen_lr,
+            lambda_bn=self.dense_lambda_bn,
+            lambda_adv=self.dense_lambda_adv,
+            alpha=self.kd_alpha,
+            beta=self.kd_beta,
+            temperature=self.kd_temperature,
+        )
 
     def local_steps_for(self, num_samples: int) -> int:
         """SGD steps of one round for a client holding ``num_samples``: ``local-steps``, or

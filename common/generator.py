@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config import GeneratorTraining
 from common.models import Classifier, Generator, GeneratorSpec, build_discriminator, build_generator
 
 _EPS = 1e-8  # floor for probabilities inside a log: x log x -> 0 as x -> 0, never NaN
@@ -209,18 +210,11 @@ def _minibatch_indices(n: int, batch_size: int, rng: torch.Generator) -> Iterato
 def train_generator(
     classifier: Classifier,
     images: Tensor,
+    settings: GeneratorTraining,
     *,
     spec: GeneratorSpec,
     to_input: Callable[[Tensor], Tensor],
     label_counts: Sequence[int] | None,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 2e-4,
-    betas: tuple[float, float] = (0.5, 0.999),
-    lambda_adv: float = 1.0,
-    lambda_div: float = 5.0,
-    lambda_ent: float = 0.0,
-    lambda_inv: float = 0.0,
     device: torch.device | str,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -241,8 +235,9 @@ def train_generator(
     label_counts
         Images per class at the client; when given, the diversity term is ``KL(pbar || q)``
         with ``q`` the smoothed label distribution, otherwise the plain form over all classes.
-    steps
-        Optimiser steps, each one discriminator update and one generator update.
+    settings
+        Sizes and loss weights; ``settings.steps`` optimiser steps, each one discriminator
+        update and one generator update.
 
     Returns
     -------
@@ -250,6 +245,7 @@ def train_generator(
         The generator in eval mode on CPU, window means of every loss term every
         ``log_every`` steps (and at the last step), and the wall time.
     """
+    steps, batch_size = settings.steps, settings.batch_size
     if len(images) == 0:
         raise ValueError("cannot train a generator without images")
     if batch_size < 2:  # the generator's BatchNorm needs two samples to normalise over
@@ -258,7 +254,9 @@ def train_generator(
     if label_counts is not None and len(label_counts) != num_classes:
         raise ValueError(f"{len(label_counts)} label counts for {num_classes} classes")
     started = time.perf_counter()
-    weights = GeneratorLossWeights(lambda_adv, lambda_div, lambda_ent, lambda_inv)
+    weights = GeneratorLossWeights(
+        settings.lambda_adv, settings.lambda_div, settings.lambda_ent, settings.lambda_inv
+    )
     class_prior = None if label_counts is None else class_prior_from_counts(label_counts)
     if class_prior is not None:
         class_prior = class_prior.to(device)
@@ -268,8 +266,8 @@ def train_generator(
         torch.manual_seed(seed)
         generator = build_generator(spec).to(device)
         discriminator = build_discriminator(spec.image_shape, spec.base_channels).to(device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=settings.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=settings.betas)
     batches = _minibatch_indices(len(images), batch_size, rng)
     classifier_device = next(classifier.parameters()).device
     history: list[dict[str, float]] = []
@@ -277,7 +275,7 @@ def train_generator(
     window_start = 0
 
     classifier.to(device)
-    inversion = BatchNormInversionLoss(classifier) if lambda_inv else None
+    inversion = BatchNormInversionLoss(classifier) if settings.lambda_inv else None
     try:
         with frozen(classifier), inversion or nullcontext():
             for step in range(steps):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config import LocalTraining
 from common.models import Classifier
 
 
@@ -46,29 +47,29 @@ def train_local(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    settings: LocalTraining,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
     device: torch.device,
-    proximal_mu: float = 0.0,
     seed: int = 0,
 ) -> LocalTrainResult:
-    """Run ``steps`` SGD steps on random minibatches (the reference protocol counts steps).
+    """Run ``settings.steps`` SGD steps on random minibatches (the reference protocol counts
+    steps).
 
-    With ``proximal_mu > 0`` the FedProx term mu/2 * ||w - w_global||^2 is added, where
-    w_global is the model as it was on entry.
+    With ``settings.proximal_mu > 0`` the FedProx term mu/2 * ||w - w_global||^2 is added,
+    where w_global is the model as it was on entry.
     """
+    steps, proximal_mu = settings.steps, settings.proximal_mu
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
     )
     rng = torch.Generator().manual_seed(seed)
     total_loss = 0.0
-    batch = min(batch_size, len(labels))
+    batch = min(settings.batch_size, len(labels))
     for _ in range(steps):
         index = torch.randint(len(labels), (batch,), generator=rng)
         x, y = images[index].to(device), labels[index].to(device)

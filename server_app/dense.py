@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config import DenseTraining
 from common.generator import BatchNormInversionLoss, frozen
 from common.models import GeneratorSpec, build_generator
 from server_app.distill import DistillResult, kd_loss, training_with_frozen_batchnorm
@@ -80,22 +81,12 @@ def train_dense(
     student: nn.Module,
     teacher: nn.Module,
     client_models: Sequence[nn.Module],
+    settings: DenseTraining,
     *,
     spec: GeneratorSpec,
     num_classes: int,
     classes: Sequence[int],
     to_input: Callable[[Tensor], Tensor],
-    steps: int,
-    batch_size: int,
-    kd_lr: float = 1e-4,
-    gen_lr: float = 2e-4,
-    betas: tuple[float, float] = (0.5, 0.999),
-    lambda_bn: float = 1.0,
-    lambda_adv: float = 1.0,
-    generator_steps: int = 1,
-    alpha: float = 0.8,
-    beta: float = 1.0,
-    temperature: float = 1.0,
     device: torch.device | str,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -120,17 +111,22 @@ def train_dense(
         The targets: classes at least one client holds, drawn uniformly.
     to_input
         Maps generator output in [-1, 1] into classifier space.
-    steps
-        Iterations, each ``generator_steps`` generator steps and one student step.
-    batch_size
-        Samples per generator step and per student step (at least 2, for the generator's
-        BatchNorm).
+    settings
+        ``steps`` iterations, each ``generator_steps`` generator steps and one student step,
+        of ``batch_size`` samples (at least 2, for the generator's BatchNorm); learning rates
+        and loss weights.
     seed
         Seeds the generator's initialisation and every latent and target draw, so a run is
         repeatable given the models; the caller's RNG is left alone.
     progress
         Receives a short line every ``log_every`` steps and at the last step.
     """
+    steps, batch_size, generator_steps = (
+        settings.steps,
+        settings.batch_size,
+        settings.generator_steps,
+    )
+    lambda_bn, lambda_adv = settings.lambda_bn, settings.lambda_adv
     if steps == 0:
         return DenseResult(0, math.nan, math.nan, math.nan, 0.0)
     if steps < 0 or batch_size < 2 or generator_steps < 1:
@@ -147,8 +143,8 @@ def train_dense(
         torch.manual_seed(seed)
         generator = ConditionalGenerator(spec, num_classes)
     generator.to(device).train()  # BatchNorm on batch statistics throughout, as DCGAN samples
-    opt_g = torch.optim.Adam(generator.parameters(), lr=gen_lr, betas=betas)
-    opt_s = torch.optim.Adam(student.parameters(), lr=kd_lr)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=settings.gen_lr, betas=settings.betas)
+    opt_s = torch.optim.Adam(student.parameters(), lr=settings.kd_lr)
     rng = torch.Generator(device=device).manual_seed(seed)
 
     def draw() -> tuple[Tensor, Tensor]:
@@ -201,7 +197,11 @@ def train_dense(
                 teacher_logits = teacher(images)
             student_logits = student(images)
             loss = kd_loss(
-                student_logits, teacher_logits, alpha=alpha, beta=beta, temperature=temperature
+                student_logits,
+                teacher_logits,
+                alpha=settings.alpha,
+                beta=settings.beta,
+                temperature=settings.temperature,
             )
             opt_s.zero_grad(set_to_none=True)
             loss.backward()

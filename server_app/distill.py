@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from common.config import Distillation
 from common.models import Generator
 from common.train import squared_distance
 
@@ -142,17 +143,10 @@ def distill(
     student: nn.Module,
     teacher: nn.Module,
     generators: Sequence[Generator],
+    settings: Distillation,
     *,
     to_input: Callable[[Tensor], Tensor],
-    steps: int,
-    batch_per_generator: int = 32,
-    lr: float = 1e-4,
-    alpha: float = 0.8,
-    beta: float = 1.0,
-    temperature: float = 1.0,
     generator_weights: Sequence[float] | None = None,
-    proximal_mu: float = 0.0,
-    ema: float = 0.0,
     device: torch.device | str,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -169,7 +163,7 @@ def distill(
 
     Parameters
     ----------
-    proximal_mu
+    settings.proximal_mu
         Weight of ``mu/2 ||w - w_0||^2``, a pull of the student's parameters back to where
         distillation started (the FedAvg aggregate). Without it the student ends where client
         training from it is a poor FedAvg step: measured on a captured multi-round state
@@ -177,7 +171,7 @@ def distill(
         35% of its norm, and one FedAvg round from there lost 12 points (71.1 -> 59.0) where
         the undistilled model gained 10; the pull keeps the student near the point FedAvg's
         clients were already agreeing on.
-    ema
+    settings.ema
         With ``ema > 0`` the student ends as the exponential moving average (that decay per
         step, ``torch.optim.swa_utils``) of its weights over the steps instead of the last
         iterate; its BatchNorm statistics are frozen anyway. On generator samples the last
@@ -193,6 +187,8 @@ def distill(
     progress
         Receives a short line every ``log_every`` steps and at the last step.
     """
+    steps, batch_per_generator = settings.steps, settings.batch_per_generator
+    proximal_mu, ema = settings.proximal_mu, settings.ema
     if steps == 0:
         return DistillResult(0, math.nan, math.nan, math.nan, 0.0)
     if steps < 0 or batch_per_generator < 1 or not generators or proximal_mu < 0:
@@ -210,7 +206,7 @@ def distill(
     sample_weights = None if weights is None else weights.repeat_interleave(batch_per_generator)
     parameters = list(student.parameters())
     anchor = [p.detach().clone() for p in parameters] if proximal_mu > 0 else None
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr)
     average = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
     rng = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
@@ -225,9 +221,9 @@ def distill(
             loss = kd_loss(
                 student_logits,
                 teacher_logits,
-                alpha=alpha,
-                beta=beta,
-                temperature=temperature,
+                alpha=settings.alpha,
+                beta=settings.beta,
+                temperature=settings.temperature,
                 sample_weights=sample_weights,
             )
             if anchor is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from common.config import MetaTraining
 from common.models import Classifier
 from server_app.moe import ExpertEnsemble, ProbabilityMixture
 
@@ -142,14 +143,9 @@ def train_meta_model(
     meta: MetaModel,
     inputs: Tensor,
     targets: Tensor,
+    settings: MetaTraining,
     *,
     priors: Tensor | None = None,
-    epochs: int,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    val_fraction: float = 0.2,
-    patience: int = 5,
-    ema_decay: float = 0.0,
     seed: int = 0,
     device: torch.device | str,
     progress: Callable[[str], None] | None = None,
@@ -179,6 +175,8 @@ def train_meta_model(
     progress
         Receives one short line per epoch (the strategy routes it to Flower's logger).
     """
+    epochs, batch_size, patience = settings.epochs, settings.batch_size, settings.patience
+    val_fraction, ema_decay = settings.val_fraction, settings.ema_decay
     if inputs.ndim != 3 or targets.shape != inputs.shape[:1] or inputs.shape[0] == 0:
         raise ValueError(
             f"expected inputs [N, E, C] and targets [N] with N > 0, got {tuple(inputs.shape)}"
@@ -207,7 +205,7 @@ def train_meta_model(
     else:
         train_p = val_p = None
 
-    optimizer = torch.optim.Adam(meta.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(meta.parameters(), lr=settings.lr)
     ema = AveragedModel(meta, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
     selected = ema.module if ema is not None else meta  # the weights validated and kept
     best_accuracy, best_loss = _evaluate(selected, val_x, val_p, val_y)

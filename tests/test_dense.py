@@ -1,6 +1,7 @@
 """The DENSE-style baseline: server-side generator + distillation (server_app/dense.py)."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.config import ConfigError, pyproject_defaults
+from common.config import ConfigError, DenseTraining, pyproject_defaults
 from common.data import dataset_info, generator_to_classifier_input
 from common.models import GeneratorSpec, build_classifier
 from server_app.dense import adversarial_term, train_dense
@@ -94,7 +95,8 @@ def _run(states, steps: int, **overrides):
     }
     options.update(overrides)
     rng_before = torch.random.get_rng_state()
-    result = train_dense(student, teacher, list(teacher.clients.members), **options)
+    settings, options = _with_settings(DenseTraining, options)
+    result = train_dense(student, teacher, list(teacher.clients.members), settings, **options)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # the caller's RNG untouched
     return student, teacher, result
 
@@ -253,3 +255,10 @@ def test_dense_runs_in_process_without_client_generators(data_root, tmp_path) ->
     participation = read_json(folder, "participation.json")
     assert all(len(r["replied"]) == 3 for r in participation.values())
     assert not (folder / "generator_samples").exists()  # no client generator reached the server
+
+
+def _with_settings(view, options: dict) -> tuple:
+    """``options`` split into the ``view`` dataclass (its fields) and the other keywords."""
+    names = {f.name for f in dataclasses.fields(view)}
+    settings = view(**{k: v for k, v in options.items() if k in names})
+    return settings, {k: v for k, v in options.items() if k not in names}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.config import Distillation
 from common.models import Generator, GeneratorSpec
 from common.train import squared_distance
 from server_app.distill import distill, jensen_shannon, kd_loss
@@ -132,10 +133,8 @@ def test_distill_reduces_loss_and_raises_agreement(device) -> None:
         student,
         teacher,
         generators,
+        Distillation(steps=200, batch_per_generator=32, lr=1e-2),
         to_input=lambda x: x,
-        steps=200,
-        batch_per_generator=32,
-        lr=1e-2,
         device=device,
         progress=lines.append,
     )
@@ -172,8 +171,14 @@ def test_proximal_pull_keeps_the_student_near_its_start_and_still_distills() -> 
     moved = {}
     for mu in (0.0, 1.0, 100.0):
         trained = copy.deepcopy(student)
-        distill(trained, teacher, generators, to_input=lambda x: x, steps=100, lr=1e-2,
-                proximal_mu=mu, device="cpu")  # fmt: skip
+        distill(
+            trained,
+            teacher,
+            generators,
+            Distillation(steps=100, lr=1e-2, proximal_mu=mu),
+            to_input=lambda x: x,
+            device="cpu",
+        )
         moved[mu] = _distance(trained, start)
         if mu == 1.0:
             assert _agreement_and_loss(trained, teacher, images)[1] < loss_before
@@ -181,8 +186,14 @@ def test_proximal_pull_keeps_the_student_near_its_start_and_still_distills() -> 
     assert moved[100.0] < moved[1.0] < moved[0.0]
     assert moved[100.0] < 0.2 * moved[0.0]
     with pytest.raises(ValueError, match="proximal_mu"):
-        distill(student, teacher, generators, to_input=lambda x: x, steps=1,
-                proximal_mu=-1.0, device="cpu")  # fmt: skip
+        distill(
+            student,
+            teacher,
+            generators,
+            Distillation(steps=1, proximal_mu=-1.0),
+            to_input=lambda x: x,
+            device="cpu",
+        )
 
 
 def test_distill_restores_student_modes_and_checks_generator_weights() -> None:
@@ -193,8 +204,8 @@ def test_distill_restores_student_modes_and_checks_generator_weights() -> None:
         student,
         teacher,
         generators,
+        Distillation(steps=3),
         to_input=lambda x: x,
-        steps=3,
         generator_weights=[3.0, 1.0],
         device="cpu",
     )
@@ -203,16 +214,23 @@ def test_distill_restores_student_modes_and_checks_generator_weights() -> None:
     assert not any(m.training for m in student.modules())
     with pytest.raises(ValueError):
         distill(
-            student, teacher, generators, to_input=lambda x: x, steps=1,
-            generator_weights=[1.0], device="cpu",
-        )  # fmt: skip
+            student,
+            teacher,
+            generators,
+            Distillation(steps=1),
+            to_input=lambda x: x,
+            generator_weights=[1.0],
+            device="cpu",
+        )
 
 
 def test_zero_steps_return_immediately_and_leave_student_alone() -> None:
     teacher, student, generators = _tiny_problem()
     before = {k: v.clone() for k, v in student.state_dict().items()}
 
-    result = distill(student, teacher, generators, to_input=lambda x: x, steps=0, device="cpu")
+    result = distill(
+        student, teacher, generators, Distillation(steps=0), to_input=lambda x: x, device="cpu"
+    )
 
     assert result.steps == 0
     for name, value in student.state_dict().items():
@@ -227,8 +245,15 @@ def test_ema_student_is_the_moving_average_of_the_iterates() -> None:
 
     def run(steps: int, ema: float) -> list[torch.Tensor]:
         trained = copy.deepcopy(student)
-        distill(trained, teacher, generators, to_input=lambda x: x, steps=steps, lr=1e-2,
-                ema=ema, device="cpu", seed=3)  # fmt: skip
+        distill(
+            trained,
+            teacher,
+            generators,
+            Distillation(steps=steps, lr=1e-2, ema=ema),
+            to_input=lambda x: x,
+            device="cpu",
+            seed=3,
+        )
         return [p.detach() for p in trained.parameters()]
 
     first, second = run(1, 0.0), run(2, 0.0)
@@ -244,11 +269,30 @@ def test_ema_student_is_the_moving_average_of_the_iterates() -> None:
     _, loss_before = _agreement_and_loss(student, teacher, images)
     start = [p.detach().clone() for p in student.parameters()]
     last, averaged = copy.deepcopy(student), copy.deepcopy(student)
-    distill(last, teacher, generators, to_input=lambda x: x, steps=60, lr=1e-2, device="cpu")
-    distill(averaged, teacher, generators, to_input=lambda x: x, steps=60, lr=1e-2, ema=0.9,
-            device="cpu")  # fmt: skip
+    distill(
+        last,
+        teacher,
+        generators,
+        Distillation(steps=60, lr=1e-2),
+        to_input=lambda x: x,
+        device="cpu",
+    )
+    distill(
+        averaged,
+        teacher,
+        generators,
+        Distillation(steps=60, lr=1e-2, ema=0.9),
+        to_input=lambda x: x,
+        device="cpu",
+    )
     assert _agreement_and_loss(averaged, teacher, images)[1] < loss_before
     assert _distance(averaged, start) < _distance(last, start)
     with pytest.raises(ValueError, match="ema"):
-        distill(student, teacher, generators, to_input=lambda x: x, steps=1, ema=1.0,
-                device="cpu")  # fmt: skip
+        distill(
+            student,
+            teacher,
+            generators,
+            Distillation(steps=1, ema=1.0),
+            to_input=lambda x: x,
+            device="cpu",
+        )

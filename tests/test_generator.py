@@ -1,5 +1,6 @@
 """Tests for the client generator: each loss term alone, then the training loop end to end."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import GeneratorTraining
 from common.generator import (
     BatchNormInversionLoss,
     GeneratorLossWeights,
@@ -187,7 +189,8 @@ def run_training(classifier: nn.Module, images: torch.Tensor, **overrides: objec
         device="cpu",
         log_every=10,
     )
-    return train_generator(classifier, images, **{**options, **overrides})
+    settings, options = _with_settings(GeneratorTraining, {**options, **overrides})
+    return train_generator(classifier, images, settings, **options)
 
 
 def test_train_generator_leaves_the_classifier_untouched(classifier: nn.Module, toy_data) -> None:
@@ -229,3 +232,10 @@ def test_train_generator_rejects_label_counts_of_the_wrong_length(
 ) -> None:
     with pytest.raises(ValueError, match="label counts"):
         run_training(classifier, toy_data[0], label_counts=[1, 2, 3])
+
+
+def _with_settings(view, options: dict) -> tuple:
+    """``options`` split into the ``view`` dataclass (its fields) and the other keywords."""
+    names = {f.name for f in dataclasses.fields(view)}
+    settings = view(**{k: v for k, v in options.items() if k in names})
+    return settings, {k: v for k, v in options.items() if k not in names}

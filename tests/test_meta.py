@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import MetaTraining
 from common.models import build_classifier
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import ExpertEnsemble, ProbabilityMixture, build_experts, label_share_weights
@@ -47,7 +48,9 @@ def test_training_learns_which_expert_to_trust(device) -> None:
     prior_accuracy = (meta.eval()(inputs).argmax(1) == targets).float().mean()
     assert prior_accuracy < 0.6
 
-    result = train_meta_model(meta, inputs, targets, epochs=40, lr=3e-3, device=device)
+    result = train_meta_model(
+        meta, inputs, targets, MetaTraining(epochs=40, lr=3e-3), device=device
+    )
 
     assert result.val_accuracy >= 0.95
     assert result.train_accuracy >= 0.95
@@ -64,8 +67,7 @@ def test_early_stopping_ends_before_epochs_run_out() -> None:
         MetaModel(3, 4, dim_feedforward=64),
         inputs,
         targets,
-        epochs=200,
-        patience=3,
+        MetaTraining(epochs=200, patience=3),
         device="cpu",
         progress=lines.append,
     )
@@ -81,7 +83,7 @@ def test_tiny_bank_trains_on_everything() -> None:
     targets = torch.arange(4)  # one prototype per class: nothing can be held out
 
     result = train_meta_model(
-        MetaModel(3, 4, dim_feedforward=64), inputs, targets, epochs=2, device="cpu"
+        MetaModel(3, 4, dim_feedforward=64), inputs, targets, MetaTraining(epochs=2), device="cpu"
     )
 
     assert result.epochs_run == 2
@@ -94,10 +96,7 @@ def test_ema_option_runs_and_returns_averaged_weights() -> None:
         MetaModel(3, 4, dim_feedforward=64),
         inputs,
         targets,
-        epochs=60,
-        lr=3e-3,
-        ema_decay=0.9,
-        patience=60,
+        MetaTraining(epochs=60, lr=3e-3, ema_decay=0.9, patience=60),
         device="cpu",
     )
     assert result.epochs_run == 60
@@ -140,7 +139,12 @@ def test_the_gate_reads_the_prior_token() -> None:
     assert (meta.eval()(inputs, prior).argmax(1) == targets).float().mean() == 0.0
 
     result = train_meta_model(
-        meta, inputs, targets, priors=prior, epochs=60, lr=3e-3, patience=60, device="cpu"
+        meta,
+        inputs,
+        targets,
+        MetaTraining(epochs=60, lr=3e-3, patience=60),
+        priors=prior,
+        device="cpu",
     )
 
     assert result.val_accuracy >= 0.95

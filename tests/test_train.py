@@ -1,9 +1,12 @@
 """Local training, FedProx, evaluation, k-means and the privacy rules of prototypes."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
+from common.config import LocalTraining
 from common.models import Classifier, build_classifier
 from common.train import (
     compute_prototypes,
@@ -53,7 +56,8 @@ def _train(model, images, labels, **overrides):
         "device": CPU,
         **overrides,
     }
-    return train_local(model, images, labels, **kwargs)
+    settings, kwargs = _with_settings(LocalTraining, kwargs)
+    return train_local(model, images, labels, settings, **kwargs)
 
 
 # --- devices ---------------------------------------------------------------------------------
@@ -269,3 +273,10 @@ def test_no_centre_is_a_single_samples_feature() -> None:
     assert len(prototypes.classes) > 0
     distances = torch.cdist(prototypes.features, features)
     assert distances.min() > 1e-4
+
+
+def _with_settings(view, options: dict) -> tuple:
+    """``options`` split into the ``view`` dataclass (its fields) and the other keywords."""
+    names = {f.name for f in dataclasses.fields(view)}
+    settings = view(**{k: v for k, v in options.items() if k in names})
+    return settings, {k: v for k, v in options.items() if k not in names}
