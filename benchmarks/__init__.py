@@ -55,7 +55,7 @@ from benchmarks.suites import (
     select_cells,
 )
 from common.config import ConfigError, pyproject_defaults
-from deploy.simulation import parse_set
+from deploy.run_config import parse_set
 from server_app.results import RunResults
 from server_app.strategies import validate_run_config
 

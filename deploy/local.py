@@ -53,21 +53,18 @@ import tomli_w
 
 from common.config import ConfigError, Strategy
 from deploy.certs import Credentials, ensure_credentials
-from deploy.simulation import (
+from deploy.flwr_cli import (
     EXIT_CONFIG,
     EXIT_FAILED,
-    REPO,
-    build_run_config,
-    check_runnable,
     flower_env,
-    free_ports,
     guarded_run,
-    print_report,
     report_run_end,
     run_status,
-    stop_processes,
     stream_flwr_run,
 )
+from deploy.processes import free_ports, stop_processes
+from deploy.run_config import REPO, build_run_config, check_runnable
+from deploy.simulation import print_report
 from server_app.results import RunResults
 from server_app.strategies import uploads_of
 from server_app.traffic import DOWNLINK, TOTAL, UPLINK, check_payload_limits

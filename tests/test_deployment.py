@@ -28,15 +28,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from deploy.certs import DEFAULT_SANS, ensure_credentials, make_node_key
+from deploy.flwr_cli import COMPLETED
 from deploy.local import LocalFederation
-from deploy.simulation import (
-    COMPLETED,
-    build_run_config,
-    free_ports,
-    list_processes,
-    process_tree,
-    stop_processes,
-)
+from deploy.processes import free_ports, list_processes, process_tree, stop_processes
+from deploy.run_config import build_run_config
 from server_app.traffic import DOWNLINK, TOTAL, UPLINK
 from tests.real_processes import fetch_fashion_mnist, processes_with_home, run_launcher
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from common.paths import default_data_root, default_results_dir, installed_checkout
-from deploy.simulation import find_local_superlinks, free_ports, list_processes, stop_processes
+from deploy.processes import find_local_superlinks, free_ports, list_processes, stop_processes
 from tests.real_processes import processes_with_home
 
 REPO = Path(__file__).resolve().parent.parent

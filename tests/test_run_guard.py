@@ -1,4 +1,4 @@
-"""How the launchers end a run (deploy/simulation.py ``guarded_run``, ``report_run_end``).
+"""How the launchers end a run (deploy/flwr_cli.py ``guarded_run``, ``report_run_end``).
 
 Both ``deploy.simulation`` and ``deploy.local`` go through these, so the exit codes and the
 always-run cleanup are checked once here, in-process, without starting Flower.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.simulation import COMPLETED, guarded_run, report_run_end
+from deploy.flwr_cli import COMPLETED, guarded_run, report_run_end
 
 
 class Cleanup:

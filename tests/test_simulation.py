@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.simulation import find_local_superlinks, list_processes, stop_processes
+from deploy.processes import find_local_superlinks, list_processes, stop_processes
 from tests.real_processes import fetch_fashion_mnist, processes_with_home, run_launcher
 
 REPO = Path(__file__).resolve().parent.parent

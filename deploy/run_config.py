@@ -1,0 +1,103 @@
+"""The launchers' run config: pyproject defaults, a profile, ``--set`` pairs, validated.
+
+Everything a launcher must know before it starts a process: the merged overrides to hand to
+``flwr run``, the validated config they make (schema and strategy rules, naming the key), and
+what the schema cannot know (the client count, the device, whether the data is on disk).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import ConfigError, RunConfig, parse_run_config, pyproject_defaults
+from common.data import DatasetNotFoundError, load_dataset
+from common.train import resolve_device
+from server_app.strategies import validate_run_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """``["alpha=0.5", "dataset=mnist"]`` -> ``{"alpha": 0.5, "dataset": "mnist"}``."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word: dataset=mnist means the string "mnist"
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def build_run_config(
+    profile: Path | None, strategy: str | None, sets: Iterable[str], name: str | None
+) -> tuple[dict[str, Any], RunConfig]:
+    """The overrides to hand to ``flwr run`` and the validated config they make.
+
+    Raises :class:`ConfigError` (naming the key) for anything Flower or the ServerApp would
+    reject later.
+    """
+    overrides: dict[str, Any] = {}
+    if profile is not None:
+        with profile.open("rb") as handle:
+            overrides.update(tomllib.load(handle))
+    if strategy is not None:
+        overrides["strategy"] = strategy
+    overrides.update(parse_set(sets))
+    if name is not None:
+        overrides["run-name"] = name
+    defaults = pyproject_defaults(REPO / "pyproject.toml")
+    cfg = parse_run_config({**defaults, **overrides})  # types first, then fill in the paths
+
+    overrides["results-dir"] = _absolute(
+        cfg.results_dir or os.environ.get("MOSAIC_RESULTS_DIR") or REPO / "results"
+    )
+    overrides["data-root"] = _absolute(
+        cfg.data_root or os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data"
+    )
+    if not cfg.run_name:
+        stem = profile.stem if profile is not None else "defaults"
+        overrides["run-name"] = f"{cfg.strategy}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return overrides, validate_run_config({**defaults, **overrides})
+
+
+def check_runnable(cfg: RunConfig, clients: int) -> torch.device:
+    """What the schema cannot know: the client count, the device, the data; return the device."""
+    if clients < 1:
+        raise ConfigError(f"--clients: {clients} is not a positive number of clients")
+    if cfg.min_nodes > clients:
+        raise ConfigError(
+            f"min-nodes: {cfg.min_nodes} is more than the {clients} clients (--clients), so "
+            "the first round would wait forever; lower min-nodes or raise --clients"
+        )
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as error:
+        raise ConfigError(f"device: {error}") from None
+    try:
+        load_dataset(cfg.dataset, cfg.data_root, train=False)
+    except (DatasetNotFoundError, ImportError) as error:
+        raise ConfigError(f"data-root: {error}") from None
+    return device
+
+
+def client_gpus(device: torch.device, clients: int) -> float:
+    """Ray's GPU share per ClientApp (see the module docstring)."""
+    if device.type != "cuda":
+        return 0.0
+    return max(0.01, math.floor(100 / clients) / 100)
