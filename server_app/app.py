@@ -39,6 +39,7 @@ from server_app.checkpoint import (
 )
 from server_app.results import RunReport, RunResults
 from server_app.strategies import STRATEGIES, CheckedFedAvg, validate_run_config
+from server_app.strategies.base import Evaluator
 from server_app.strategies.teacher import TeacherStrategy
 
 app = ServerApp()
@@ -66,9 +67,70 @@ def phase_seconds(strategy: CheckedFedAvg) -> dict[str, float]:
     return {k: round(v, 1) for k, v in phases.items()}
 
 
+class RoundRecorder:
+    """Flower's ``evaluate_fn``: after every round, evaluate the global model on the test set,
+    record the round in the results folder and write the checkpoint a resumed run starts from.
+    """
+
+    def __init__(
+        self,
+        strategy: CheckedFedAvg,
+        report: RunReport,
+        template: torch.nn.Module,
+        evaluate_model: Evaluator,
+        run_config: UserConfig,
+    ) -> None:
+        self.strategy = strategy
+        self.report = report
+        self.template = template
+        self.evaluate_model = evaluate_model
+        self.run_config = dict(run_config)
+        self.resumed = strategy.rounds_done > 0
+
+    def __call__(self, step: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if step == 0 and self.resumed:
+            return None  # a resumed model was evaluated after its round, before the stop
+        server_round = self.strategy.run_round(step)
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(record_to_state(arrays))
+        metrics = self.evaluate_model(model)
+        self.report.record_round(server_round, **metrics, **self._round_figures(server_round))
+        self.report.write_participation(self.strategy.rounds)
+        self.report.write_label_counts(self.strategy.label_counts)
+        if server_round > 0:
+            self._checkpoint(server_round, arrays)
+        return MetricRecord(metrics)
+
+    def _round_figures(self, server_round: int) -> dict[str, float]:
+        """Wall time, who took part, and the teacher's figures of a round (none for round 0)."""
+        round_log = self.strategy.rounds.get(server_round)
+        if round_log is None:
+            return {}
+        return {
+            "seconds": round_log.seconds,
+            "replied": len(round_log.replied),
+            "rejected": len(round_log.rejected),
+            "failed": len(round_log.failed),
+            "missing": len(round_log.missing),
+            "skipped": int(bool(round_log.skipped)),
+            **round_log.mosaic,
+        }
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The state a resumed run starts from; the RNG states are taken last."""
+        state = {
+            "round": server_round,
+            "run-config": self.run_config,
+            "global-model": record_to_state(arrays),
+            "strategy": self.strategy.state_dict(),
+            "metrics": self.report.state_dict(),
+        }
+        save_checkpoint(self.report.folder, {**state, "rng": rng_state()})
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedAvg or Mosaic for ``num-rounds`` rounds and write the results folder."""
+    """Run the configured strategy for ``num-rounds`` rounds and write the results folder."""
     started = time.perf_counter()
     cfg = validate_run_config(context.run_config)
     seed_everything(cfg.seed)
@@ -88,66 +150,37 @@ def main(grid: Grid, context: Context) -> None:
     strategy = STRATEGIES[cfg.strategy](
         cfg, template, info, device=device, evaluate_model=evaluate_model
     )
-
     initial_arrays = state_to_record(template.state_dict())
     checkpoint = load_checkpoint(report.folder) if cfg.resume else None
     if checkpoint is not None:
         initial_arrays = resume(checkpoint, context.run_config, strategy, report)
     elif cfg.resume:
         log(WARNING, "resume: no checkpoint in %s, so the run starts at round 1", report.folder)
-    done = strategy.rounds_done
-
-    def evaluate_fn(step: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round = strategy.run_round(step)
-        if step == 0 and done:
-            return None  # a resumed model was evaluated after its round, before the stop
-        model = copy.deepcopy(template)
-        model.load_state_dict(record_to_state(arrays))
-        metrics = evaluate_model(model)
-        round_log = strategy.rounds.get(server_round)
-        extra = {}
-        if round_log is not None:
-            extra = {
-                "seconds": round_log.seconds,
-                "replied": len(round_log.replied),
-                "rejected": len(round_log.rejected),
-                "failed": len(round_log.failed),
-                "missing": len(round_log.missing),
-                "skipped": int(bool(round_log.skipped)),
-                **round_log.mosaic,
-            }
-        report.record_round(server_round, **metrics, **extra)
-        report.write_participation(strategy.rounds)
-        report.write_label_counts(strategy.label_counts)
-        if server_round > 0:  # the state a resumed run starts from; the RNG states come last
-            state = {
-                "round": server_round,
-                "run-config": dict(context.run_config),
-                "global-model": record_to_state(arrays),
-                "strategy": strategy.state_dict(),
-                "metrics": report.state_dict(),
-            }
-            save_checkpoint(report.folder, {**state, "rng": rng_state()})
-        return MetricRecord(metrics)
 
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
-        num_rounds=cfg.num_rounds - done,
+        num_rounds=cfg.num_rounds - strategy.rounds_done,
         timeout=cfg.round_timeout,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=RoundRecorder(strategy, report, template, evaluate_model, context.run_config),
     )
-
     # Flower's result holds the last aggregated model: none when every round it ran was skipped.
-    final_state = record_to_state(result.arrays if len(result.arrays) else initial_arrays)
+    final_arrays = result.arrays if len(result.arrays) else initial_arrays
+    finish(report, strategy, record_to_state(final_arrays), seconds=time.perf_counter() - started)
+
+
+def finish(
+    report: RunReport, strategy: CheckedFedAvg, final_state: dict, *, seconds: float
+) -> None:
+    """Write the final model, the plots, the generators' samples, the phase times; log a summary."""
     report.write_model(final_state)
     report.plot_accuracy()
     if isinstance(strategy, TeacherStrategy) and strategy.generators:
-        report.save_generator_samples(strategy.generators, strategy.generator_spec, info)
-    for phase, seconds in phase_seconds(strategy).items():
-        report.add_phase_seconds(phase, seconds)
-    report.add_phase_seconds("total", round(time.perf_counter() - started, 1))
-    _log_summary(cfg, report)
+        report.save_generator_samples(strategy.generators, strategy.generator_spec, strategy.info)
+    for phase, phase_time in phase_seconds(strategy).items():
+        report.add_phase_seconds(phase, phase_time)
+    report.add_phase_seconds("total", round(seconds, 1))
+    _log_summary(strategy.cfg, report)
 
 
 def resume(
