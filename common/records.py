@@ -225,6 +225,49 @@ def validate_train_reply(
     ``generator_signature`` is None when no generator is expected this round: either block
     arriving anyway is rejected.
     """
+    _check_records(content)
+    state = _check_state("weights", content[ARRAYS], model_signature)
+    num_examples, train_loss = _check_metrics(content[METRICS])
+    partition_id = content[CLIENT].get("partition-id")
+    if not _is_int(partition_id) or partition_id < 0:
+        raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
+    counts = _check_label_counts(content[LABEL_COUNTS], num_classes, num_examples)
+
+    prototypes = None
+    if PROTOTYPES in content:
+        if not prototypes_expected:
+            raise MalformedReplyError("prototypes-unexpected", "no prototypes were asked for")
+        prototypes = _decode_prototypes(content[PROTOTYPES], num_classes, feature_dim)
+        _check_prototype_classes(prototypes, counts, protos_per_class)
+
+    generator_state = None
+    if GENERATOR in content:
+        if generator_signature is None:
+            raise MalformedReplyError("generator-unexpected", "no generator was asked for")
+        generator_state = _check_state("generator", content[GENERATOR], generator_signature)
+    return TrainReply(
+        state=state,
+        partition_id=partition_id,
+        num_examples=num_examples,
+        train_loss=train_loss,
+        label_counts=counts,
+        prototypes=prototypes,
+        generator_state=generator_state,
+    )
+
+
+RECORD_TYPES = {
+    ARRAYS: ArrayRecord,
+    METRICS: MetricRecord,
+    CLIENT: ConfigRecord,
+    LABEL_COUNTS: MetricRecord,
+    PROTOTYPES: ArrayRecord,
+    GENERATOR: ArrayRecord,
+}
+
+
+def _check_records(content: RecordDict) -> None:
+    """The required records, no unknown ones, each of its type."""
     keys = set(content.keys())
     if not keys >= REQUIRED_KEYS or keys - REQUIRED_KEYS - OPTIONAL_KEYS:
         raise MalformedReplyError(
@@ -232,20 +275,13 @@ def validate_train_reply(
             f"missing {sorted(REQUIRED_KEYS - keys)}, "
             f"unexpected {sorted(keys - REQUIRED_KEYS - OPTIONAL_KEYS)}",
         )
-    expected_types = {
-        ARRAYS: ArrayRecord,
-        METRICS: MetricRecord,
-        CLIENT: ConfigRecord,
-        LABEL_COUNTS: MetricRecord,
-        PROTOTYPES: ArrayRecord,
-        GENERATOR: ArrayRecord,
-    }
     for key in keys:
-        if not isinstance(content[key], expected_types[key]):
+        if not isinstance(content[key], RECORD_TYPES[key]):
             raise MalformedReplyError("record-types", f"{key} is a {type(content[key]).__name__}")
-    state = _check_state("weights", content[ARRAYS], model_signature)
 
-    metrics = content[METRICS]
+
+def _check_metrics(metrics: MetricRecord) -> tuple[int, float]:
+    """``num-examples`` (a sane count) and ``train-loss`` (finite), nothing else."""
     if set(metrics.keys()) != {"num-examples", "train-loss"}:
         # FedAvg demands identical metric keys across replies: one odd reply would end the run.
         raise MalformedReplyError("metrics-keys", f"got {sorted(metrics.keys())}")
@@ -255,11 +291,12 @@ def validate_train_reply(
     train_loss = metrics["train-loss"]
     if not isinstance(train_loss, float) or not np.isfinite(train_loss):
         raise MalformedReplyError("train-loss", f"{train_loss!r} is not a finite float")
-    partition_id = content[CLIENT].get("partition-id")
-    if not _is_int(partition_id) or partition_id < 0:
-        raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
+    return num_examples, float(train_loss)
 
-    counts = content[LABEL_COUNTS].get("counts")
+
+def _check_label_counts(record: MetricRecord, num_classes: int, num_examples: int) -> list[int]:
+    """One non-negative int per class, summing to ``num-examples``."""
+    counts = record.get("counts")
     if (
         not isinstance(counts, list)
         or len(counts) != num_classes
@@ -272,35 +309,21 @@ def validate_train_reply(
         raise MalformedReplyError(
             "label-counts-sum", f"counts sum to {sum(counts)}, num-examples is {num_examples}"
         )
+    return list(counts)
 
-    prototypes = None
-    if PROTOTYPES in content:
-        if not prototypes_expected:
-            raise MalformedReplyError("prototypes-unexpected", "no prototypes were asked for")
-        prototypes = _decode_prototypes(content[PROTOTYPES], num_classes, feature_dim)
-        per_class = torch.bincount(prototypes.classes, minlength=num_classes)
-        if per_class.max() > protos_per_class:
-            raise MalformedReplyError(
-                "prototypes-per-class",
-                f"{per_class.max()} centres for one class, max is {protos_per_class}",
-            )
-        if (per_class > 0).logical_and(torch.tensor(counts) == 0).any():
-            raise MalformedReplyError("prototypes-classes", "a prototype for a class not held")
 
-    generator_state = None
-    if GENERATOR in content:
-        if generator_signature is None:
-            raise MalformedReplyError("generator-unexpected", "no generator was asked for")
-        generator_state = _check_state("generator", content[GENERATOR], generator_signature)
-    return TrainReply(
-        state=state,
-        partition_id=partition_id,
-        num_examples=num_examples,
-        train_loss=float(train_loss),
-        label_counts=list(counts),
-        prototypes=prototypes,
-        generator_state=generator_state,
-    )
+def _check_prototype_classes(
+    prototypes: Prototypes, counts: list[int], protos_per_class: int
+) -> None:
+    """At most ``protos-per-class`` centres per class, and only for classes the client holds."""
+    per_class = torch.bincount(prototypes.classes, minlength=len(counts))
+    if per_class.max() > protos_per_class:
+        raise MalformedReplyError(
+            "prototypes-per-class",
+            f"{per_class.max()} centres for one class, max is {protos_per_class}",
+        )
+    if (per_class > 0).logical_and(torch.tensor(counts) == 0).any():
+        raise MalformedReplyError("prototypes-classes", "a prototype for a class not held")
 
 
 def _decode_prototypes(record: ArrayRecord, num_classes: int, feature_dim: int) -> Prototypes:
