@@ -26,8 +26,8 @@ from common.data import (
 from common.generator import train_generator
 from common.models import GeneratorSpec, build_classifier
 from common.paths import data_root
-from common.records import ARRAYS, RoundInstructions, pack_train_reply, record_to_state
 from common.train import compute_prototypes, evaluate, resolve_device, train_local
+from common.wire import ARRAYS, RoundInstructions, pack_train_reply, record_to_state
 
 app = ClientApp()
 

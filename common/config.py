@@ -69,7 +69,7 @@ META_KEYS: frozenset[str] = frozenset(
 DENSE_KEYS: frozenset[str] = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
 # Run-config keys only the server reads: clients get what they need of the schedule (round,
 # lr, FedProx's term, whether to send prototypes or a generator) in each message
-# (``common.records.RoundInstructions``). Two clients whose run configs differ only here
+# (``common.wire.RoundInstructions``). Two clients whose run configs differ only here
 # train the same model; the benchmarks' reply cache relies on it (tests/test_reply_cache.py).
 SERVER_ONLY_KEYS: frozenset[str] = (
     frozenset(

@@ -130,7 +130,7 @@ def build_classifier(
     """Build a registered classifier; ``width`` scales every layer's channel count.
 
     Weights are laid out channels-last, like the activations (see :func:`_channels_last`);
-    state dicts leaving the process are made contiguous by ``common.records``.
+    state dicts leaving the process are made contiguous by ``common.wire``.
     """
     if name not in _CLASSIFIERS:
         raise ValueError(f"unknown classifier {name!r}; known: {classifier_names()}")

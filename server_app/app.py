@@ -28,8 +28,8 @@ from common.config import RunConfig
 from common.data import dataset_info, load_dataset
 from common.models import build_classifier
 from common.paths import data_root, results_root
-from common.records import record_to_state, state_to_record
 from common.train import evaluate, resolve_device
+from common.wire import record_to_state, state_to_record
 from server_app.checkpoint import (
     check_resumable,
     load_checkpoint,

@@ -41,7 +41,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 from common.config import ConfigError, RunConfig
 from common.data import dataset_info
 from common.models import GeneratorSpec, build_classifier, build_generator
-from common.records import Uploads
+from common.wire import Uploads
 
 OBJECT_LIMIT_BYTES = GRPC_MAX_MESSAGE_LENGTH  # 2**31 - 1: protobuf's (and gRPC's) ceiling
 MESSAGE_BUDGET_BYTES = 1 << 30  # 1 GiB: see the module docstring

@@ -2,7 +2,7 @@
 
 :func:`faulty_client_app` wraps the real ClientApp so that one partition misbehaves in every
 train round; the product never sees this module. Each mode breaks one rule of
-:func:`common.records.validate_train_reply` (the rule the server must name is in
+:func:`common.wire.validate_train_reply` (the rule the server must name is in
 :data:`EXPECTED_RULES`), raises as a crashing client would, or answers after the round timeout.
 """
 
@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from common.config import RunConfig, parse_run_config
 from common.data import dataset_info
 from common.models import build_classifier
-from common.records import (
+from common.wire import (
     ARRAYS,
     GENERATOR,
     LABEL_COUNTS,

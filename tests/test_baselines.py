@@ -13,7 +13,7 @@ from torch import nn
 from common.config import Strategy, parse_run_config, pyproject_defaults
 from common.data import dataset_info
 from common.models import build_classifier
-from common.records import state_to_record
+from common.wire import state_to_record
 from server_app.app import phase_seconds
 from server_app.moe import ExpertEnsemble, ProbabilityMixture, label_share_weights
 from server_app.strategies import STRATEGIES, RoundLog

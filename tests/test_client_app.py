@@ -9,7 +9,8 @@ from client_app.app import evaluate_local, train
 from common.config import ConfigError, parse_run_config
 from common.data import dataset_info, load_client_partition
 from common.models import GeneratorSpec, build_classifier, build_generator
-from common.records import (
+from common.train import compute_prototypes
+from common.wire import (
     ARRAYS,
     CLIENT,
     GENERATOR,
@@ -23,7 +24,6 @@ from common.records import (
     state_to_record,
     validate_train_reply,
 )
-from common.train import compute_prototypes
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
 
 NUM_PARTITIONS = 3

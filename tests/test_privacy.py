@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from common.config import RunConfig, parse_run_config
 from common.data import dataset_info, load_client_partition, load_dataset, partition_indices
 from common.models import GeneratorSpec, build_classifier, build_generator
-from common.records import (
+from common.wire import (
     ARRAYS,
     CLIENT,
     GENERATOR,

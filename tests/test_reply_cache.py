@@ -13,7 +13,7 @@ from client_app.app import app
 from common.config import SERVER_ONLY_KEYS, parse_run_config
 from common.data import dataset_info
 from common.models import build_classifier
-from common.records import ARRAYS, state_to_record
+from common.wire import ARRAYS, state_to_record
 from tests.fakedata import OTHER_VALUES, TINY_SIZES, tiny_run_config, write_fake_fashion_mnist
 
 pytestmark = pytest.mark.integration  # whole runs of the app in this process

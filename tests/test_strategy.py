@@ -11,7 +11,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 import client_app.app as client_module
-from common.records import ARRAYS, LABEL_COUNTS, OPTIONAL_KEYS, REQUIRED_KEYS
+from common.wire import ARRAYS, LABEL_COUNTS, OPTIONAL_KEYS, REQUIRED_KEYS
 from tests.fakedata import write_fake_fashion_mnist
 from tests.runs import NUM_NODES, assert_same_state, error_reply, final_model, read_json, run
 

@@ -18,7 +18,7 @@ from common.config import (
 )
 from common.data import dataset_info, dataset_names
 from common.models import GeneratorSpec, build_classifier, build_generator, classifier_names
-from common.records import state_to_record
+from common.wire import state_to_record
 from server_app.inprocess import run_inprocess
 from server_app.strategies import STRATEGIES, uploads_of
 from server_app.traffic import (

@@ -22,7 +22,7 @@ from common.config import (
     RunConfig,
     parse_run_config,
 )
-from common.records import Uploads
+from common.wire import Uploads
 from server_app.strategies.base import CheckedFedAvg, FedProxStrategy, RoundLog
 from server_app.strategies.baselines import (
     DenseStrategy,

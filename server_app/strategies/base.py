@@ -2,7 +2,7 @@
 counter; FedProx is the same with its proximal term in the round's instructions.
 
 ``CheckedFedAvg`` is Flower's FedAvg plus what every strategy needs: each reply is validated
-and decoded in one place (:func:`common.records.validate_train_reply`) before anything is
+and decoded in one place (:func:`common.wire.validate_train_reply`) before anything is
 averaged (a malformed one is dropped, logged and counted), the accepted replies are put in a
 fixed order, the client learning rate follows the run's schedule, and who took part is
 recorded. What clients upload besides weights is declared on the class (``uploads``), and so
@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.config import ConfigError, RunConfig
 from common.data import DatasetInfo
 from common.models import Classifier, GeneratorSpec, build_generator
-from common.records import (
+from common.wire import (
     ARRAYS,
     METRICS,
     MalformedReplyError,

@@ -30,7 +30,7 @@ from torch import nn
 from common.config import DENSE_KEYS, DISTILLATION_KEYS, SERVER_GENERATOR_KEYS
 from common.data import generator_to_classifier_input
 from common.models import Classifier
-from common.records import Uploads
+from common.wire import Uploads
 from server_app.dense import train_dense
 from server_app.distill import DistillResult
 from server_app.moe import ProbabilityMixture, label_share_weights

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from common.config import META_KEYS, PROTOTYPE_KEYS, RunConfig
 from common.models import Classifier
-from common.records import Uploads, record_to_state
+from common.wire import Uploads, record_to_state
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import (
     ExpertEnsemble,

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from common.config import DISTILLATION_KEYS, GENERATOR_KEYS, RunConfig
 from common.data import generator_to_classifier_input
 from common.models import Classifier, Generator, build_generator
-from common.records import Uploads, record_to_state, state_to_record
+from common.wire import Uploads, record_to_state, state_to_record
 from server_app.distill import DistillResult, distill
 from server_app.moe import ExpertEnsemble
 from server_app.strategies.base import Accepted, CheckedFedAvg

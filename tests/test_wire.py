@@ -8,7 +8,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.models import GeneratorSpec, build_classifier, build_generator
-from common.records import (
+from common.train import Prototypes
+from common.wire import (
     ARRAYS,
     CLIENT,
     LABEL_COUNTS,
@@ -23,7 +24,6 @@ from common.records import (
     validate_evaluate_reply,
     validate_train_reply,
 )
-from common.train import Prototypes
 
 NUM_CLASSES = 4
 PROTOS_PER_CLASS = 2
