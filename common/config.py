@@ -210,75 +210,76 @@ class RunConfig(BaseModel):
 
     # --- run --------------------------------------------------------------------------------
     strategy: Strategy
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**32 - 1)
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     results_dir: str  # "" -> common.paths.results_root; an absolute path is safest
-    run_name: str = Field(pattern=r"^[A-Za-z0-9._-]*$")  # "" -> strategy-dataset-timestamp
+    # a plain folder name under results-dir: no "/", and not "." or ".." or any other dot-name
+    run_name: str = Field(pattern=r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,199})?$")  # "": a timestamp
     resume: bool  # continue <results-dir>/<run-name> from its last checkpoint
     # --- data -------------------------------------------------------------------------------
     dataset: str
     data_root: str  # "" -> common.paths.data_root
     partitioning: Partitioning
-    alpha: float = Field(gt=0)
-    classes_per_client: int = Field(ge=1)
-    min_partition_size: int = Field(ge=0)
+    alpha: float = Field(gt=0, le=1e4)
+    classes_per_client: int = Field(ge=1, le=100_000)
+    min_partition_size: int = Field(ge=0, le=10_000_000)
     # --- model and FedAvg -------------------------------------------------------------------
     model: str
     model_width: float = Field(gt=0, le=4)
-    num_rounds: int = Field(ge=1)
-    min_nodes: int = Field(ge=1)  # wait until this many nodes are connected and replying
+    num_rounds: int = Field(ge=1, le=100_000)
+    min_nodes: int = Field(ge=1, le=100_000)  # wait until this many nodes are connected
     fraction_train: float = Field(gt=0, le=1)
     fraction_evaluate: float = Field(ge=0, le=1)
-    round_timeout: float = Field(gt=0)
-    min_replies: int = Field(ge=1)  # fewer accepted replies in a round -> the round is skipped
-    local_steps: int = Field(ge=1)
+    round_timeout: float = Field(gt=0, le=604_800)
+    min_replies: int = Field(ge=1, le=100_000)  # fewer accepted replies: the round is skipped
+    local_steps: int = Field(ge=1, le=1_000_000)
     local_epochs: float = Field(ge=0, le=1000)  # > 0: epochs over the local data instead of steps
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1, le=65_536)
+    lr: float = Field(gt=0, le=10)
     momentum: float = Field(ge=0, lt=1)
-    weight_decay: float = Field(ge=0)
-    proximal_mu: float = Field(ge=0)  # FedProx only (sent to clients in each round's message)
+    weight_decay: float = Field(ge=0, le=1)
+    proximal_mu: float = Field(ge=0, le=1e4)  # FedProx only (sent in each round's message)
     # --- Mosaic schedule --------------------------------------------------------------------
-    kd_round: int = Field(ge=1)  # W: meta model + distillation after this round
-    kd_every: int = Field(ge=0)  # > 0: distill again every kd-every rounds after kd-round
-    finetune_lr: float = Field(gt=0)  # client lr after kd-round
-    proto_start_round: int = Field(ge=1)  # R_p: clients upload prototypes from here
-    proto_bank_rounds: int = Field(ge=1)  # B: the bank keeps the last B rounds
-    protos_per_class: int = Field(ge=1)  # k: k-means centres per class per client
-    min_proto_samples: int = Field(ge=1)
+    kd_round: int = Field(ge=1, le=100_000)  # W: meta model + distillation after this round
+    kd_every: int = Field(ge=0, le=100_000)  # > 0: distill again every kd-every rounds
+    finetune_lr: float = Field(gt=0, le=10)  # client lr after kd-round
+    proto_start_round: int = Field(ge=1, le=100_000)  # R_p: clients upload prototypes from here
+    proto_bank_rounds: int = Field(ge=1, le=100_000)  # B: the bank keeps the last B rounds
+    protos_per_class: int = Field(ge=1, le=1_000)  # k: k-means centres per class per client
+    min_proto_samples: int = Field(ge=1, le=1_000_000)
     # --- generator (client side, trained once) ----------------------------------------------
-    generator_round: int = Field(ge=0)  # 0 -> the kd-round
-    gen_latent_dim: int = Field(ge=1)
+    generator_round: int = Field(ge=0, le=100_000)  # 0 -> the kd-round
+    gen_latent_dim: int = Field(ge=1, le=4_096)
     gen_channels: int = Field(ge=4)
-    gen_steps: int = Field(ge=0)
-    gen_batch_size: int = Field(ge=2)
-    gen_lr: float = Field(gt=0)
-    lambda_adv: float = Field(ge=0)
-    lambda_div: float = Field(ge=0)
-    lambda_ent: float = Field(ge=0)
-    lambda_inv: float = Field(ge=0)
+    gen_steps: int = Field(ge=0, le=1_000_000)
+    gen_batch_size: int = Field(ge=2, le=65_536)
+    gen_lr: float = Field(gt=0, le=1)
+    lambda_adv: float = Field(ge=0, le=1_000)
+    lambda_div: float = Field(ge=0, le=1_000)
+    lambda_ent: float = Field(ge=0, le=1_000)
+    lambda_inv: float = Field(ge=0, le=1_000)
     # --- meta model (server) ----------------------------------------------------------------
-    meta_epochs: int = Field(ge=0)
-    meta_lr: float = Field(gt=0)
-    meta_batch_size: int = Field(ge=1)
+    meta_epochs: int = Field(ge=0, le=100_000)
+    meta_lr: float = Field(gt=0, le=1)
+    meta_batch_size: int = Field(ge=1, le=1_000_000)
     meta_val_fraction: float = Field(ge=0, lt=1)
-    meta_patience: int = Field(ge=1)
+    meta_patience: int = Field(ge=1, le=100_000)
     meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
     meta_prior: MetaPrior  # start from this ensemble and learn a correction
     meta_features: MetaFeatures  # what the experts' heads read on an image
     # --- distillation (server) --------------------------------------------------------------
-    kd_steps: int = Field(ge=0)
-    kd_batch_per_generator: int = Field(ge=1)
-    kd_lr: float = Field(gt=0)
+    kd_steps: int = Field(ge=0, le=10_000_000)
+    kd_batch_per_generator: int = Field(ge=1, le=4_096)
+    kd_lr: float = Field(gt=0, le=1)
     kd_alpha: float = Field(ge=0, le=1)
-    kd_beta: float = Field(ge=0)
-    kd_temperature: float = Field(gt=0)
+    kd_beta: float = Field(ge=0, le=100)
+    kd_temperature: float = Field(gt=0, le=100)
     kd_generator_weighting: GeneratorWeighting
-    kd_proximal_mu: float = Field(ge=0)  # pull of the student back to the FedAvg model
+    kd_proximal_mu: float = Field(ge=0, le=1e6)  # pull of the student back to the FedAvg model
     kd_ema: float = Field(ge=0, lt=1)  # 0 = last iterate; else EMA of the student's weights
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
-    dense_lambda_bn: float = Field(ge=0)  # BatchNorm-statistics term, over the client models
-    dense_lambda_adv: float = Field(ge=0)  # student-teacher disagreement term
+    dense_lambda_bn: float = Field(ge=0, le=1_000)  # BatchNorm-statistics term, client models
+    dense_lambda_adv: float = Field(ge=0, le=1_000)  # student-teacher disagreement term
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:

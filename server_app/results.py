@@ -53,6 +53,8 @@ class RunReport:
     def __init__(self, root: Path, cfg: RunConfig, run_config: dict[str, Any]) -> None:
         name = cfg.run_name or f"{cfg.strategy}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.folder = root / name
+        if self.folder.resolve().parent != root.resolve():  # the schema's pattern forbids it
+            raise ValueError(f"run-name: {name!r} would write outside results-dir {root}")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.rounds: dict[int, dict[str, Any]] = {}
