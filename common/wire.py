@@ -171,7 +171,18 @@ def _check_state(
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MalformedReplyError(f"{name}-finite", f"{key} holds NaN or Inf")
+        _check_batchnorm_buffer(name, key, tensor)
     return state
+
+
+def _check_batchnorm_buffer(name: str, key: str, tensor: torch.Tensor) -> None:
+    """BatchNorm statistics a model can have: variances and counters never negative.
+
+    A finite but negative running variance passes every shape and finiteness check, and turns
+    the averaged model's outputs into NaN (the square root of a negative number).
+    """
+    if key.endswith(("running_var", "num_batches_tracked")) and (tensor < 0).any():
+        raise MalformedReplyError(f"{name}-batchnorm", f"{key} holds a negative value")
 
 
 def _is_int(value: object) -> bool:
@@ -228,7 +239,9 @@ def validate_train_reply(
     _check_records(content)
     state = _check_state("weights", content[ARRAYS], model_signature)
     num_examples, train_loss = _check_metrics(content[METRICS])
-    partition_id = content[CLIENT].get("partition-id")
+    if set(content[CLIENT].keys()) != {"partition-id"}:
+        raise MalformedReplyError("client-keys", f"got {sorted(content[CLIENT].keys())[:5]}")
+    partition_id = content[CLIENT]["partition-id"]
     if not _is_int(partition_id) or partition_id < 0:
         raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
     counts = _check_label_counts(content[LABEL_COUNTS], num_classes, num_examples)
@@ -237,7 +250,8 @@ def validate_train_reply(
     if PROTOTYPES in content:
         if not prototypes_expected:
             raise MalformedReplyError("prototypes-unexpected", "no prototypes were asked for")
-        prototypes = _decode_prototypes(content[PROTOTYPES], num_classes, feature_dim)
+        max_rows = protos_per_class * num_classes
+        prototypes = _decode_prototypes(content[PROTOTYPES], num_classes, feature_dim, max_rows)
         _check_prototype_classes(prototypes, counts, protos_per_class)
 
     generator_state = None
@@ -296,7 +310,9 @@ def _check_metrics(metrics: MetricRecord) -> tuple[int, float]:
 
 def _check_label_counts(record: MetricRecord, num_classes: int, num_examples: int) -> list[int]:
     """One non-negative int per class, summing to ``num-examples``."""
-    counts = record.get("counts")
+    if set(record.keys()) != {"counts"}:
+        raise MalformedReplyError("label-counts-keys", f"got {sorted(record.keys())[:5]}")
+    counts = record["counts"]
     if (
         not isinstance(counts, list)
         or len(counts) != num_classes
@@ -326,19 +342,28 @@ def _check_prototype_classes(
         raise MalformedReplyError("prototypes-classes", "a prototype for a class not held")
 
 
-def _decode_prototypes(record: ArrayRecord, num_classes: int, feature_dim: int) -> Prototypes:
+def _decode_prototypes(
+    record: ArrayRecord, num_classes: int, feature_dim: int, max_rows: int
+) -> Prototypes:
+    """Shapes and dtypes are read off the arrays' headers first: an oversized bank is refused
+    before a byte of it is copied or converted."""
     if set(record.keys()) != {"features", "classes"}:
         raise MalformedReplyError("prototypes-keys", f"got {sorted(record.keys())}")
-    features = torch.from_numpy(record["features"].numpy().copy())
-    classes = torch.from_numpy(record["classes"].numpy().copy())
-    if features.dtype != torch.float32 or features.ndim != 2 or features.shape[1] != feature_dim:
+    features, classes = record["features"], record["classes"]
+    if features.dtype != "float32" or len(features.shape) != 2 or features.shape[1] != feature_dim:
         raise MalformedReplyError(
             "prototypes-shape",
             f"features {tuple(features.shape)} {features.dtype}, "
             f"expected [n, {feature_dim}] float32",
         )
-    if classes.dtype != torch.int64 or classes.shape != (features.shape[0],):
+    if classes.dtype != "int64" or tuple(classes.shape) != (features.shape[0],):
         raise MalformedReplyError("prototypes-shape", f"classes {tuple(classes.shape)}")
+    if features.shape[0] > max_rows:
+        raise MalformedReplyError(
+            "prototypes-per-class", f"{features.shape[0]} centres, at most {max_rows} in all"
+        )
+    features = torch.from_numpy(features.numpy().copy())
+    classes = torch.from_numpy(classes.numpy().copy())
     if not torch.isfinite(features).all():
         raise MalformedReplyError("prototypes-finite", "features hold NaN or Inf")
     if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):

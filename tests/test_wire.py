@@ -381,6 +381,55 @@ def test_boolean_partition_id_is_rejected(model) -> None:
         _validate(content, model)
 
 
+def test_negative_batchnorm_variance_is_rejected(model, generator_state) -> None:
+    """Finite, the right shape, and it would turn the averaged model's outputs into NaN."""
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("running_var"))
+    content = pack_train_reply(
+        {**state, key: torch.full_like(state[key], -1e30)},
+        num_examples=sum(COUNTS),
+        train_loss=0.5,
+        partition_id=2,
+        label_counts=COUNTS,
+    )
+    _assert_rejected(content, model, "weights-batchnorm")
+    content = _reply(model, generator_state=generator_state)
+    key = next(k for k in generator_state if k.endswith("num_batches_tracked"))
+    content["generator"][key] = Array(np.array(-5, dtype=np.int64))
+    _assert_rejected(content, model, "generator-batchnorm", expect_generator=True)
+
+
+@pytest.mark.parametrize(
+    ("record", "extra", "rule"),
+    [
+        (CLIENT, ConfigRecord({"partition-id": 2, "note": "x" * 1000}), "client-keys"),
+        (LABEL_COUNTS, MetricRecord({"counts": COUNTS, "more": [0.5] * 1000}), "label-counts-keys"),
+    ],
+)
+def test_the_client_and_label_count_records_hold_exactly_their_keys(
+    model, record, extra, rule
+) -> None:
+    content = _reply(model)
+    content[record] = extra
+    _assert_rejected(content, model, rule)
+
+
+def test_an_oversized_prototype_bank_is_refused_before_it_is_copied(model) -> None:
+    class NotToBeCopied(Array):
+        def numpy(self):
+            raise AssertionError("the bank was converted before its size was checked")
+
+    rows = PROTOS_PER_CLASS * NUM_CLASSES + 1
+    content = _reply(model)
+    content[PROTOTYPES] = ArrayRecord(
+        {
+            "features": NotToBeCopied(np.zeros((rows, model.feature_dim), np.float32)),
+            "classes": NotToBeCopied(np.zeros(rows, np.int64)),
+        }
+    )
+    _assert_rejected(content, model, "prototypes-per-class")
+
+
 def _evaluate_reply(**metrics) -> RecordDict:
     values = {"num-examples": 100, "accuracy": 0.5, "loss": 1.2, **metrics}
     return RecordDict({"metrics": MetricRecord({k: v for k, v in values.items() if v is not None})})
