@@ -238,6 +238,8 @@ ADDED_KEYS: dict[str, Any] = {
     "kd-proximal-mu": 0.0,
     "kd-ema": 0.0,
     "meta-features": "experts",
+    "max-update-ratio": 0.0,
+    "max-weight-ratio": 0.0,
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.
@@ -257,7 +259,7 @@ def _changed_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> li
     a changed default or suite size makes an old record stale, and reusing it would put a
     number under a config that did not produce it."""
     current = json.loads(json.dumps(dict(current), sort_keys=True, default=str))
-    recorded = {**ADDED_KEYS, **recorded}
+    recorded, current = {**ADDED_KEYS, **recorded}, {**ADDED_KEYS, **current}
     for key, value in REMOVED_KEYS.items():
         if recorded.get(key, value) == value:
             recorded.pop(key, None)

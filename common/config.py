@@ -93,6 +93,8 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "generator-round",
             "meta-prior",
             "proximal-mu",
+            "max-update-ratio",
+            "max-weight-ratio",
         }
     )
     | DISTILLATION_KEYS
@@ -277,6 +279,9 @@ class RunConfig(BaseModel):
     kd_generator_weighting: GeneratorWeighting
     kd_proximal_mu: float = Field(ge=0, le=1e6)  # pull of the student back to the FedAvg model
     kd_ema: float = Field(ge=0, lt=1)  # 0 = last iterate; else EMA of the student's weights
+    # --- defences (server_app/defences.py; 0 turns each off) --------------------------------
+    max_update_ratio: float = Field(ge=0, le=1e6)  # refuse updates > this x the round's median
+    max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
     dense_lambda_bn: float = Field(ge=0, le=1_000)  # BatchNorm-statistics term, client models
     dense_lambda_adv: float = Field(ge=0, le=1_000)  # student-teacher disagreement term

@@ -124,6 +124,8 @@ OTHER_VALUES: dict[str, Any] = {
     "dense-lambda-bn": 0.5,
     "dense-lambda-adv": 0.5,
     "proximal-mu": 0.5,
+    "max-update-ratio": 50.0,
+    "max-weight-ratio": 50.0,
     "protos-per-class": 2,
     "min-proto-samples": 2,
     "gen-steps": 2,

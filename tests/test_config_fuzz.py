@@ -139,7 +139,7 @@ def valid_configs(draw) -> dict[str, Any]:
     if values["strategy"] == "mosaic" and values["kd-round"] < 2:
         values["meta-features"] = "experts"
     if values["resume"] and not values["run-name"]:
-        values["run-name"] = draw(st.from_regex(r"[A-Za-z0-9._-]+", fullmatch=True))
+        values["run-name"] = draw(st.from_regex(_pattern("run-name"), fullmatch=True).filter(bool))
     return values
 
 

@@ -52,6 +52,13 @@ from common.wire import (
     validate_evaluate_reply,
     validate_train_reply,
 )
+from server_app.defences import (
+    above_median,
+    capped_sizes,
+    computes_finite,
+    partition_claims,
+    update_norm,
+)
 from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, log_uplink
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
@@ -125,6 +132,10 @@ class CheckedFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
         self.rounds_done = 0  # rounds completed before this start() (set when resuming)
+        self.partition_owners: dict[int, int] = {}  # partition id -> the node answering for it
+        self._sent_state: dict[str, torch.Tensor] | None = None  # this round's model, if needed
+        # A fixed input to check that an aggregate computes finite outputs before it is adopted
+        self._probe = torch.randn(2, *info.image_shape, generator=torch.Generator().manual_seed(0))
         self._round_started = 0.0
         self._instructions: list[Message] = []  # this round's train messages
 
@@ -176,6 +187,7 @@ class CheckedFedAvg(FedAvg):
         """Sample nodes as FedAvg does, with this round's instructions."""
         server_round = self.run_round(server_round)
         self._round_started = time.perf_counter()
+        self._sent_state = record_to_state(arrays) if self.cfg.max_update_ratio > 0 else None
         round_config = ConfigRecord({**config, **self.instructions(server_round).to_config()})
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
         self._instructions = messages  # the grid gives them their message ids when it sends
@@ -217,11 +229,43 @@ class CheckedFedAvg(FedAvg):
                 continue
             round_log.partitions[node] = reply.partition_id
             accepted.append(Accepted(node, msg, reply))
+        accepted = self.refuse_inside_the_rules(server_round, accepted)
         accepted.sort(key=lambda entry: (entry.reply.partition_id, entry.node))
         round_log.replied = [entry.node for entry in accepted]
         answered = {*round_log.replied, *round_log.failed, *round_log.rejected}
         round_log.missing = [node for node in round_log.sampled if node not in answered]
         return accepted
+
+    def refuse_inside_the_rules(
+        self, server_round: int, accepted: list[Accepted]
+    ) -> list[Accepted]:
+        """Well-formed replies the server still refuses (``server_app.defences``), each filed
+        under ``rejected`` with its rule: a partition another node answers for
+        (``partition-claimed``), label counts other than the partition sent before
+        (``label-counts-changed``), and with ``max-update-ratio`` an update further from the
+        sent model than that many times the round's median (``update-norm``)."""
+        round_log = self.rounds[server_round]
+        claims = [(entry.node, entry.reply.partition_id) for entry in accepted]
+        self.partition_owners, refused = partition_claims(
+            claims, self.partition_owners, set(round_log.sampled)
+        )
+        rules = {entry.node: "partition-claimed" for entry in accepted if entry.node in refused}
+        for entry in accepted:
+            known = self.label_counts.get(entry.reply.partition_id)
+            if entry.node not in rules and known is not None and known != entry.reply.label_counts:
+                rules[entry.node] = "label-counts-changed"
+        candidates = [entry for entry in accepted if entry.node not in rules]
+        if self.cfg.max_update_ratio > 0 and self._sent_state is not None:
+            norms = [update_norm(entry.reply.state, self._sent_state) for entry in candidates]
+            for entry, outlier in zip(
+                candidates, above_median(norms, self.cfg.max_update_ratio), strict=True
+            ):
+                if outlier:
+                    rules[entry.node] = "update-norm"
+        for node, rule in rules.items():
+            round_log.rejected[node] = rule
+            log(WARNING, "round %d: refused reply of node %d (%s)", server_round, node, rule)
+        return [entry for entry in accepted if entry.node not in rules]
 
     def _answering_node(self, reply: Message) -> int:
         """The node a reply answers for. The SuperLink answers for a node it lost with an error
@@ -259,13 +303,32 @@ class CheckedFedAvg(FedAvg):
             round_log.seconds = time.perf_counter() - self._round_started
             return None, None
         self.keep_replies(server_round, accepted)
-        fedavg_view = [_strip_to_fedavg(entry.message) for entry in accepted]
+        sizes = self.client_weights(accepted)
+        fedavg_view = [
+            _strip_to_fedavg(entry.message, size)
+            for entry, size in zip(accepted, sizes, strict=True)
+        ]
         arrays, metrics = super().aggregate_train(server_round, fedavg_view)
         if arrays is not None:
             arrays = self._like_template(arrays)
+            if not computes_finite(self._model_of(arrays), self._probe):
+                round_log.skipped = "aggregate-finite: the average computes NaN or Inf"
+                log(WARNING, "round %d skipped (%s): model kept", server_round, round_log.skipped)
+                round_log.seconds = time.perf_counter() - self._round_started
+                return None, None
             arrays = self.after_aggregation(server_round, arrays, accepted)
         round_log.seconds = time.perf_counter() - self._round_started
         return arrays, metrics
+
+    def client_weights(self, accepted: list[Accepted]) -> list[int | None]:
+        """Each reply's aggregation weight: its ``num-examples``, at most ``max-weight-ratio``
+        times the round's median (None: the reply's own count, untouched)."""
+        sizes = [entry.reply.num_examples for entry in accepted]
+        capped = capped_sizes(sizes, self.cfg.max_weight_ratio)
+        return [
+            None if bound >= size else max(1, int(bound))
+            for size, bound in zip(sizes, capped, strict=True)
+        ]
 
     def after_aggregation(
         self, server_round: int, arrays: ArrayRecord, accepted: list[Accepted]
@@ -325,6 +388,11 @@ class CheckedFedAvg(FedAvg):
         self.rounds = {r: RoundLog(**round_log) for r, round_log in state["rounds"].items()}
         self.label_counts = dict(state["label-counts"])
 
+    def _model_of(self, arrays: ArrayRecord) -> Classifier:
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(record_to_state(arrays))
+        return model
+
     def _like_template(self, arrays: ArrayRecord) -> ArrayRecord:
         """Cast averaged arrays back to the model's dtypes (FedAvg turns int counters to float)."""
         model = copy.deepcopy(self.template)
@@ -332,10 +400,14 @@ class CheckedFedAvg(FedAvg):
         return state_to_record(model.state_dict())
 
 
-def _strip_to_fedavg(msg: Message) -> Message:
+def _strip_to_fedavg(msg: Message, weight: int | None = None) -> Message:
     """A view of a reply with only what FedAvg averages (it demands exactly one ArrayRecord
-    and one MetricRecord); the original keeps its prototypes and generator."""
-    content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: msg.content[METRICS]})
+    and one MetricRecord), weighted by ``weight`` if given; the original keeps its prototypes
+    and generator."""
+    metrics = msg.content[METRICS]
+    if weight is not None:
+        metrics = MetricRecord({**metrics, "num-examples": weight})
+    content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: metrics})
     view = copy.copy(msg)
     view.content = content
     return view

@@ -30,6 +30,7 @@ from common.config import DISTILLATION_KEYS, GENERATOR_KEYS, RunConfig
 from common.data import generator_to_classifier_input
 from common.models import Classifier, Generator, build_generator
 from common.wire import Uploads, record_to_state, state_to_record
+from server_app.defences import computes_finite, scale_counts
 from server_app.distill import DistillResult, distill
 from server_app.moe import ExpertEnsemble
 from server_app.strategies.base import Accepted, CheckedFedAvg
@@ -120,13 +121,25 @@ class TeacherStrategy(CheckedFedAvg):
     ) -> ArrayRecord:
         if server_round not in self.teacher_rounds():
             return arrays
-        clients = ClientModels(
-            states=[entry.reply.state for entry in accepted],
-            counts=np.array([entry.reply.label_counts for entry in accepted]),
-        )
+        counts = np.array([entry.reply.label_counts for entry in accepted])
+        weights = self.client_weights(accepted)
+        if any(weight is not None for weight in weights):  # max-weight-ratio binds this round
+            sizes = [w or e.reply.num_examples for w, e in zip(weights, accepted, strict=True)]
+            counts = scale_counts(counts, sizes)
+        clients = ClientModels(states=[entry.reply.state for entry in accepted], counts=counts)
         student = copy.deepcopy(self.template)
         student.load_state_dict(record_to_state(arrays))
-        self.rounds[server_round].mosaic = self.teach(student, clients)
+        figures = self.teach(student, clients)
+        self.rounds[server_round].mosaic = figures
+        if not computes_finite(student, self._probe):
+            # The student is adopted only if it computes finite outputs; else FedAvg's model.
+            log(
+                WARNING,
+                "round %d: the distilled model computes NaN or Inf: kept FedAvg's",
+                server_round,
+            )
+            figures["student-rejected"] = 1.0
+            return arrays
         return state_to_record(student.state_dict())
 
     def teach(self, student: Classifier, clients: ClientModels) -> Figures:

@@ -1,0 +1,220 @@
+"""Clients that stay inside the wire's rules: each attack is refused or bounded by a named rule."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ConfigRecord, Message, MetricRecord
+
+from common.wire import ARRAYS, CLIENT, LABEL_COUNTS, METRICS
+from server_app.defences import (
+    above_median,
+    capped_sizes,
+    computes_finite,
+    partition_claims,
+    scale_counts,
+    update_norm,
+)
+from tests.fakedata import write_fake_fashion_mnist
+from tests.runs import assert_same_state, error_reply, final_model, read_json, run
+
+FEDAVG_2_ROUNDS = {"strategy": "fedavg", "num_rounds": 2}
+MOSAIC_2_ROUNDS = {"strategy": "mosaic", "num_rounds": 2, "kd_round": 2, "proto_start_round": 1}
+
+
+# --- the rules, alone ------------------------------------------------------------------------
+
+
+def test_above_median_flags_only_what_exceeds_the_ratio() -> None:
+    assert above_median([1.0, 1.2, 0.9, 100.0], 10) == [False, False, False, True]
+    assert above_median([1.0, 100.0], 0) == [False, False]  # 0: off
+
+
+def test_capped_sizes_bound_each_weight_by_the_median_and_leave_the_rest() -> None:
+    assert capped_sizes([100, 120, 80, 10**7], 3) == [100.0, 120.0, 80.0, 330.0]
+    assert capped_sizes([100, 10**7], 0) == [100.0, 1e7]
+
+
+def test_scaled_counts_keep_each_clients_class_shares() -> None:
+    counts = np.array([[10, 30, 0], [1000, 0, 1000]])
+    scaled = scale_counts(counts, [40, 500])
+    np.testing.assert_allclose(scaled, [[10, 30, 0], [250, 0, 250]])
+
+
+def test_a_partition_stays_with_its_owner_while_the_owner_takes_part() -> None:
+    owners, refused = partition_claims([(1, 0), (2, 1)], {}, {1, 2})
+    assert owners == {0: 1, 1: 2} and refused == set()
+    owners, refused = partition_claims([(1, 0), (3, 0)], owners, {1, 2, 3})
+    assert owners[0] == 1 and refused == {3}
+    owners, refused = partition_claims([(4, 0)], owners, {2, 4})  # node 1 left: 4 took over
+    assert owners[0] == 4 and refused == set()
+    _, refused = partition_claims([(6, 5), (5, 5)], {}, {5, 6})  # two new claimants: lowest id
+    assert refused == {6}
+
+
+def test_update_norm_and_finite_outputs() -> None:
+    sent = {"w": torch.zeros(3), "n": torch.tensor(4)}
+    assert update_norm({"w": torch.tensor([3.0, 4.0, 0.0]), "n": torch.tensor(9)}, sent) == 5.0
+    model = torch.nn.Linear(3, 2)
+    assert computes_finite(model, torch.ones(2, 3))
+    with torch.no_grad():
+        model.weight.fill_(3e38)
+    assert not computes_finite(model, torch.ones(2, 3))
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def without_node_3(data_root, tmp_path_factory) -> Path:
+    """FedAvg, 2 rounds, node 3 answering with an error every round: the clean reference."""
+    return run(data_root, tmp_path_factory.mktemp("ref"), tamper=error_reply(3), **FEDAVG_2_ROUNDS)[
+        1
+    ]
+
+
+def _train_replies_of(node: int, change):
+    def tamper(node_id: int, reply: Message) -> Message:
+        if node_id == node and reply.metadata.message_type == "train" and not reply.has_error():
+            change(reply)
+        return reply
+
+    return tamper
+
+
+def _refused_every_round(folder: Path, rule: str) -> None:
+    for entry in read_json(folder, "participation.json").values():
+        assert entry["rejected"] == {"3": rule}, entry
+
+
+@pytest.mark.integration
+def test_a_node_claiming_another_nodes_partition_is_refused(data_root, tmp_path, without_node_3):
+    def claim_partition_0(reply: Message) -> None:
+        reply.content[CLIENT] = ConfigRecord({"partition-id": 0})
+
+    _, folder = run(
+        data_root, tmp_path, tamper=_train_replies_of(3, claim_partition_0), **FEDAVG_2_ROUNDS
+    )
+    _refused_every_round(folder, "partition-claimed")
+    assert_same_state(final_model(folder), final_model(without_node_3))
+
+
+@pytest.mark.integration
+def test_label_counts_that_change_between_rounds_are_refused(data_root, tmp_path) -> None:
+    rounds_seen = []
+
+    def shift_a_count_in_round_2(reply: Message) -> None:
+        rounds_seen.append(1)
+        if len(rounds_seen) == 2:
+            counts = list(reply.content[LABEL_COUNTS]["counts"])
+            held = int(np.argmax(counts))
+            counts[held] -= 1
+            counts[(held + 1) % len(counts)] += 1
+            reply.content[LABEL_COUNTS] = MetricRecord({"counts": counts})
+
+    _, folder = run(
+        data_root,
+        tmp_path,
+        tamper=_train_replies_of(3, shift_a_count_in_round_2),
+        **FEDAVG_2_ROUNDS,
+    )
+    participation = read_json(folder, "participation.json")
+    assert participation["1"]["rejected"] == {}
+    assert participation["2"]["rejected"] == {"3": "label-counts-changed"}
+
+
+@pytest.mark.integration
+def test_a_negative_batchnorm_variance_never_reaches_the_model(data_root, tmp_path, without_node_3):
+    def negative_variance(reply: Message) -> None:
+        arrays = reply.content[ARRAYS]
+        key = next(k for k in arrays if k.endswith("running_var"))
+        arrays[key] = Array(np.full(arrays[key].shape, -1e30, np.float32))
+
+    _, folder = run(
+        data_root, tmp_path, tamper=_train_replies_of(3, negative_variance), **FEDAVG_2_ROUNDS
+    )
+    _refused_every_round(folder, "weights-batchnorm")
+    assert_same_state(final_model(folder), final_model(without_node_3))
+
+
+def _scaled(factor: float):
+    """Every trained weight (not the BatchNorm statistics) multiplied by ``factor``: an update
+    far from the model sent, like a boosted one (w = g + f (w - g)) with g small."""
+
+    def change(reply: Message) -> None:
+        arrays = reply.content[ARRAYS]
+        for key in arrays:
+            values = arrays[key].numpy()
+            if values.dtype == np.float32 and not key.endswith(("running_mean", "running_var")):
+                arrays[key] = Array((factor * values).astype(np.float32))
+
+    return change
+
+
+@pytest.mark.integration
+def test_an_update_far_above_the_rounds_median_is_refused_when_bounded(data_root, tmp_path):
+    tamper = _train_replies_of(3, _scaled(100.0))
+    _, bounded = run(
+        data_root, tmp_path / "on", tamper=tamper, max_update_ratio=10.0, **FEDAVG_2_ROUNDS
+    )
+    _refused_every_round(bounded, "update-norm")
+    _, unbounded = run(data_root, tmp_path / "off", tamper=tamper, **FEDAVG_2_ROUNDS)
+    assert read_json(unbounded, "participation.json")["1"]["rejected"] == {}
+
+
+@pytest.mark.integration
+def test_inflated_counts_are_capped_at_the_weight_ratio(data_root, tmp_path) -> None:
+    inflation = 10**6
+
+    def inflate(reply: Message) -> None:
+        counts = list(reply.content[LABEL_COUNTS]["counts"])
+        counts[int(np.argmax(counts))] += inflation
+        reply.content[LABEL_COUNTS] = MetricRecord({"counts": counts})
+        reply.content[METRICS]["num-examples"] = (
+            int(reply.content[METRICS]["num-examples"]) + inflation
+        )
+
+    _, capped = run(
+        data_root,
+        tmp_path / "on",
+        tamper=_train_replies_of(3, inflate),
+        max_weight_ratio=2.0,
+        **MOSAIC_2_ROUNDS,
+    )
+    _, uncapped = run(
+        data_root, tmp_path / "off", tamper=_train_replies_of(3, inflate), **MOSAIC_2_ROUNDS
+    )
+    _, honest = run(data_root, tmp_path / "honest", **MOSAIC_2_ROUNDS)
+
+    def distance(folder: Path) -> float:
+        a, b = final_model(folder), final_model(honest)
+        return sum(
+            float((a[k].double() - b[k].double()).norm()) for k in a if a[k].is_floating_point()
+        )
+
+    assert distance(capped) < distance(uncapped)
+    rounds = read_json(capped, "metrics.json")["rounds"]
+    assert np.isfinite(rounds["2"]["teacher-accuracy"])
+
+
+@pytest.mark.integration
+def test_an_aggregate_that_computes_inf_is_not_adopted(data_root, tmp_path) -> None:
+    def huge_weights(reply: Message) -> None:
+        arrays = reply.content[ARRAYS]
+        key = next(k for k in arrays if k.endswith("weight") and len(arrays[k].shape) == 2)
+        arrays[key] = Array(np.full(arrays[key].shape, 3e38, np.float32))
+
+    def every_node(node: int, reply: Message) -> Message:
+        return _train_replies_of(node, huge_weights)(node, reply)
+
+    _, folder = run(data_root, tmp_path, tamper=every_node, **FEDAVG_2_ROUNDS)
+    participation = read_json(folder, "participation.json")
+    assert all(e["skipped"].startswith("aggregate-finite") for e in participation.values())
+    state = final_model(folder)
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
