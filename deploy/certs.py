@@ -17,8 +17,12 @@ What lands in DIR (made only when missing or no longer valid, so running it agai
 - ``nodes/node-<i>`` and ``nodes/node-<i>.pub`` for i in 0..N-1: ECDSA P-384 keys in OpenSSH
   format, the format ``flower-supernode --auth-supernode-private-key`` and
   ``flwr supernode register`` read.
-- ``superexec.secret``: random bytes shared by the SuperLink/SuperNodes and the SuperExecs
-  that connect to them in ``--isolation process`` (the compose layout).
+- ``superexec.secret``: random bytes shared by the SuperLink and the SuperExec that connects
+  to it in ``--isolation process`` (the compose layout).
+- per SuperNode, for its own runtime API in ``--isolation process``: ``nodes/supernode-<i>.pem``
+  and ``.key`` (a server certificate for ``supernode-<i>`` signed by the CA) and
+  ``nodes/superexec-<i>.secret`` (shared with that site's SuperExec only). No SuperNode needs
+  the SuperLink's key or another site's secret, and no container needs ``ca.key``.
 
 Private keys are written with mode 0600. Docker's Flower images run as uid 49999: see
 ``deploy/compose/compose.yaml`` for the ``chown`` the mounted folder needs.
@@ -58,6 +62,8 @@ class Credentials:
     server_key: Path
     node_keys: tuple[Path, ...]  # private keys; the public key is the same path + ".pub"
     superexec_secret: Path
+    node_runtime_certs: tuple[Path, ...] = ()  # nodes/supernode-<i>.pem (its .key beside it)
+    node_superexec_secrets: tuple[Path, ...] = ()  # nodes/superexec-<i>.secret
 
     def node_public_key(self, index: int) -> Path:
         return self.node_keys[index].with_name(self.node_keys[index].name + ".pub")
@@ -235,23 +241,23 @@ def ensure_credentials(
         _write_public(ca_cert, ca.public_bytes(serialization.Encoding.PEM))
         print(f"certs: new CA {ca_cert}")
 
-    if not (server_key.is_file() and _server_cert_valid(server_cert, ca, sans)):
-        cert, cert_key = _make_server_cert(ca, key, sans, days)
-        _write_private(server_key, _pem_key(cert_key))
-        _write_public(server_cert, cert.public_bytes(serialization.Encoding.PEM))
-        print(f"certs: new server certificate {server_cert} (SANs: {', '.join(sans)})")
+    _ensure_server_cert(server_cert, server_key, ca, key, sans, days)
 
-    node_keys = []
+    node_keys, runtime_certs, node_secrets = [], [], []
     for index in range(nodes):
         private_path = folder / "nodes" / f"node-{index}"
         if not _node_key_valid(private_path, private_path.with_name(private_path.name + ".pub")):
             make_node_key(private_path)
             print(f"certs: new SuperNode key {private_path}")
         node_keys.append(private_path)
+        runtime_cert = folder / "nodes" / f"supernode-{index}.pem"
+        runtime_key = runtime_cert.with_suffix(".key")
+        node_sans = [f"supernode-{index}", "127.0.0.1", "::1", "localhost"]
+        _ensure_server_cert(runtime_cert, runtime_key, ca, key, node_sans, days)
+        runtime_certs.append(runtime_cert)
+        node_secrets.append(_ensure_secret(folder / "nodes" / f"superexec-{index}.secret"))
 
-    secret = folder / "superexec.secret"
-    if not secret.is_file() or secret.stat().st_size == 0:
-        _write_private(secret, secrets.token_hex(32).encode())
+    secret = _ensure_secret(folder / "superexec.secret")
     return Credentials(
         folder=folder,
         ca_cert=ca_cert,
@@ -260,7 +266,33 @@ def ensure_credentials(
         server_key=server_key,
         node_keys=tuple(node_keys),
         superexec_secret=secret,
+        node_runtime_certs=tuple(runtime_certs),
+        node_superexec_secrets=tuple(node_secrets),
     )
+
+
+def _ensure_server_cert(
+    cert_path: Path,
+    key_path: Path,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    sans: list[str],
+    days: int,
+) -> None:
+    """A server certificate and key signed by the CA for ``sans``, made if missing or invalid."""
+    if key_path.is_file() and _server_cert_valid(cert_path, ca, sans):
+        return
+    cert, cert_key = _make_server_cert(ca, ca_key, sans, days)
+    _write_private(key_path, _pem_key(cert_key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    print(f"certs: new server certificate {cert_path} (SANs: {', '.join(sans)})")
+
+
+def _ensure_secret(path: Path) -> Path:
+    """Random bytes shared by a SuperLink or SuperNode and its SuperExec, made if missing."""
+    if not path.is_file() or path.stat().st_size == 0:
+        _write_private(path, secrets.token_hex(32).encode())
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

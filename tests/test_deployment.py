@@ -262,6 +262,14 @@ def _args(service: dict) -> dict[str, str]:
     return parsed
 
 
+def _served_names(service: dict, folder: Path) -> set[str]:
+    """The SANs of the certificate a service serves with, as deploy.certs made it in ``folder``."""
+    relative = _args(service)["ssl-certfile"].removeprefix("certificates/")
+    cert = x509.load_pem_x509_certificate((folder / relative).read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(n.value) for n in names}
+
+
 def _pinned_flwr_version() -> str:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("flwr"))
@@ -315,26 +323,31 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
     link_port = link["port"]
     assert f"127.0.0.1:{link_port}:{link_port}" in services["superlink"]["ports"]
 
+    ignored = (COMPOSE_DIR / ".gitignore").read_text()
     dockerfiles = set()
     for name, service in services.items():
         args = _args(service)
         assert "insecure" not in args, f"{name} runs without TLS"
         if "image" in service and service["image"].startswith("flwr/"):
             assert service["image"].endswith(f":{version}"), name
-        # every certificates/... path a command names is something deploy.certs makes
         mounts = {}
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
             mounts[target] = (COMPOSE_DIR / source).resolve()
-        for value in args.values():
-            if value.startswith("certificates/"):
-                assert "/app/certificates" in mounts, f"{name} mounts no certificates"
-                assert mounts["/app/certificates"] == (COMPOSE_DIR / "certs").resolve()
-                made = credentials.folder / value.removeprefix("certificates/")
-                assert made.is_file(), f"{name}: {value} is not made by deploy.certs"
-        for source in mounts.values():
-            assert source.parent == COMPOSE_DIR, f"{name}: {source} outside deploy/compose"
-            assert source.name in (COMPOSE_DIR / ".gitignore").read_text(), source
+        # every certificates/... path a command names is mounted alone from what deploy.certs
+        # makes, and nothing else of the credentials is: least privilege per container
+        named = {value for value in args.values() if value.startswith("certificates/")}
+        for value in named:
+            target, relative = f"/app/{value}", value.removeprefix("certificates/")
+            assert target in mounts, f"{name} does not mount {value}"
+            assert mounts[target] == (COMPOSE_DIR / "certs" / relative).resolve(), name
+            assert (credentials.folder / relative).is_file(), f"{name}: {value} not made"
+        for target, source in mounts.items():
+            top = source.relative_to(COMPOSE_DIR).parts[0]
+            assert f"{top}/" in ignored, f"{name}: {source} is not git-ignored"
+            if top == "certs":
+                assert target.removeprefix("/app/") in named, f"{name} mounts {target} unused"
+                assert source.name != "ca.key", f"{name} mounts the CA key"
         if "build" in service:
             build = service["build"]
             context = (COMPOSE_DIR / build["context"]).resolve()
@@ -342,7 +355,8 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
             dockerfiles.add(context / build["dockerfile"])
             assert build["args"]["FLWR_VERSION"] == version
             host, port = args["runtime-api-address"].split(":")
-            assert host in services and host in sans, f"{name} -> {host}"
+            assert host in services, f"{name} -> {host}"
+            assert host in _served_names(services[host], credentials.folder), f"{name} -> {host}"
             assert _args(services[host])["port"] == port, f"{name}: {host} is not on {port}"
             assert host in service["depends_on"]
 
@@ -351,7 +365,8 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
         args = _args(services[name])
         assert args["superlink"] == f"superlink:{link_port}" and "superlink" in sans
         assert args["isolation"] == "process" and args["host"] == "0.0.0.0"
-        assert name in sans  # its runtime API serves the SuperExec over TLS
+        assert name in _served_names(services[name], credentials.folder)  # TLS to its SuperExec
+        assert args["ssl-keyfile"] != _args(services["superlink"])["ssl-keyfile"]
         node_config = dict(item.split("=", 1) for item in shlex.split(args["node-config"]))
         assert node_config["num-partitions"] == str(nodes)
         partitions.append(int(node_config["partition-id"]))
