@@ -218,3 +218,19 @@ def test_an_aggregate_that_computes_inf_is_not_adopted(data_root, tmp_path) -> N
     assert all(e["skipped"].startswith("aggregate-finite") for e in participation.values())
     state = final_model(folder)
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.integration
+def test_the_attack_benchmark_runs_an_attack_and_names_the_rule(data_root, tmp_path) -> None:
+    from benchmarks.attacks import ATTACKS, attacker, render, run_one
+    from tests.fakedata import tiny_run_config
+
+    config = tiny_run_config(data_root, tmp_path, **FEDAVG_2_ROUNDS)
+    clean = run_one({**config, "run-name": "clean"}, 3, None)
+    attacked = run_one(
+        {**config, "run-name": "bn"}, 3, attacker(3, ATTACKS["negative-bn-variance"])
+    )
+    assert attacked["rules"] == ["weights-batchnorm"] and clean["rules"] == []
+    row = {"attack": "negative-bn-variance", "seed": 0, "defences": "off", **attacked}
+    table = render([{**row, "clean": clean["accuracy"]}], "t")
+    assert "| negative-bn-variance | 0 | off |" in table and "weights-batchnorm" in table

@@ -1,0 +1,184 @@
+"""One client attacks the run from inside the wire's rules: final accuracy, defences off and on.
+
+    python -m benchmarks.attacks [--profile conf/quick.toml] [--clients 10] [--seeds 0]
+                                 [--attacks NAME ...] [--out benchmarks/results/attacks]
+
+Each attack is a tamper on the train replies of one node (the last), applied to a run of the
+profile on FashionMNIST in this process (``run_inprocess``, no Ray). Every attack runs twice:
+with the defences at their defaults (``off``: only what is always on) and with the options on
+(``on``: ``max-update-ratio`` and ``max-weight-ratio``, see :data:`DEFENCES_ON`), against a
+clean run of the same seed and defence setting. The table (``attacks.md`` in ``--out``) gives
+final accuracy, the drop against the clean run, and the rules the server named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ConfigRecord, Message, MetricRecord
+
+from common.config import pyproject_defaults
+from common.wire import ARRAYS, CLIENT, LABEL_COUNTS, METRICS
+from server_app.results import RunResults
+
+REPO = Path(__file__).resolve().parents[1]
+DEFENCES_ON = {"max-update-ratio": 10.0, "max-weight-ratio": 3.0}
+INFLATION = 10**6
+
+Change = Callable[[Message], None]
+
+
+def _inflate_held(reply: Message) -> None:
+    """Claim 10^6 more samples of its largest class: own the weighted averages."""
+    counts = list(reply.content[LABEL_COUNTS]["counts"])
+    counts[int(np.argmax(counts))] += INFLATION
+    reply.content[LABEL_COUNTS] = MetricRecord({"counts": counts})
+    reply.content[METRICS]["num-examples"] = int(reply.content[METRICS]["num-examples"]) + INFLATION
+
+
+def _inflate_missing(reply: Message) -> None:
+    """Claim 10^5 samples of every class it does not hold: own those classes' experts."""
+    counts = list(reply.content[LABEL_COUNTS]["counts"])
+    added = 0
+    for label, count in enumerate(counts):
+        if count == 0:
+            counts[label], added = INFLATION // 10, added + INFLATION // 10
+    reply.content[LABEL_COUNTS] = MetricRecord({"counts": counts})
+    reply.content[METRICS]["num-examples"] = int(reply.content[METRICS]["num-examples"]) + added
+
+
+def _negative_variance(reply: Message) -> None:
+    """BatchNorm running variances of -1e30: finite, and NaN once averaged and normalised."""
+    arrays = reply.content[ARRAYS]
+    for key in [k for k in arrays if k.endswith("running_var")]:
+        arrays[key] = Array(np.full(arrays[key].shape, -1e30, np.float32))
+
+
+def _boosted(reply: Message) -> None:
+    """Every trained weight times 100: an update far outside the round's spread."""
+    arrays = reply.content[ARRAYS]
+    for key in arrays:
+        values = arrays[key].numpy()
+        if values.dtype == np.float32 and not key.endswith(("running_mean", "running_var")):
+            arrays[key] = Array((100.0 * values).astype(np.float32))
+
+
+def _claim_partition_0(reply: Message) -> None:
+    """Answer as partition 0, which another node holds."""
+    reply.content[CLIENT] = ConfigRecord({"partition-id": 0})
+
+
+ATTACKS: dict[str, Change] = {
+    "inflated-counts": _inflate_held,
+    "counts-for-classes-not-held": _inflate_missing,
+    "negative-bn-variance": _negative_variance,
+    "boosted-update": _boosted,
+    "claims-another-partition": _claim_partition_0,
+}
+
+
+def attacker(node: int, change: Change) -> Callable[[int, Message], Message]:
+    """A tamper under which ``node``'s train replies are changed as ``change`` says."""
+
+    def tamper(node_id: int, reply: Message) -> Message:
+        if node_id == node and reply.metadata.message_type == "train" and not reply.has_error():
+            change(reply)
+        return reply
+
+    return tamper
+
+
+def run_one(
+    config: dict[str, Any], clients: int, tamper: Callable[[int, Message], Message] | None
+) -> dict[str, Any]:
+    """One in-process run; its final accuracy and the rules the server named."""
+    from server_app.inprocess import run_inprocess
+
+    started = time.perf_counter()
+    run_inprocess(config, clients, tamper=tamper)
+    results = RunResults.read(Path(config["results-dir"]) / config["run-name"])
+    rules = sorted(
+        {rule for entry in results.participation.values() for rule in entry["rejected"].values()}
+        | {entry["skipped"].split(":")[0] for entry in results.participation.values()} - {""}
+    )
+    last = results.rounds[results.last_round]
+    return {
+        "accuracy": last["accuracy"],
+        "rules": rules,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def render(rows: list[dict[str, Any]], title: str) -> str:
+    """The table: per attack, seed and defence setting, accuracy and drop against clean."""
+    lines = [
+        f"# {title}",
+        "",
+        "| attack | seed | defences | clean | attacked | drop (points) | rules named |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        drop = 100 * (row["clean"] - row["accuracy"])
+        lines.append(
+            f"| {row['attack']} | {row['seed']} | {row['defences']} | {100 * row['clean']:.2f} |"
+            f" {100 * row['accuracy']:.2f} | {drop:+.2f} | {', '.join(row['rules']) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attacks", description=__doc__)
+    parser.add_argument("--profile", type=Path, default=REPO / "conf" / "quick.toml")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--attacks", nargs="+", choices=sorted(ATTACKS), default=list(ATTACKS))
+    parser.add_argument("--data-root", type=Path, default=REPO / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "attacks")
+    args = parser.parse_args(argv)
+
+    base = {
+        **pyproject_defaults(REPO / "pyproject.toml"),
+        **tomllib.loads(args.profile.read_text()),
+        "data-root": str(args.data_root.resolve()),
+        "results-dir": str((args.out / "runs").resolve()),
+        "device": "cpu",
+        "min-nodes": args.clients,
+    }
+    rows = []
+    for seed in args.seeds:
+        for defences, overrides in (("off", {}), ("on", DEFENCES_ON)):
+            config = {**base, **overrides, "seed": seed}
+            clean = run_one({**config, "run-name": f"clean-{defences}-s{seed}"}, args.clients, None)
+            print(f"seed {seed}, defences {defences}: clean {clean['accuracy']:.4f}", flush=True)
+            for name in args.attacks:
+                tamper = attacker(args.clients, ATTACKS[name])
+                run_name = f"{name}-{defences}-s{seed}"
+                result = run_one({**config, "run-name": run_name}, args.clients, tamper)
+                rows.append(
+                    {
+                        "attack": name,
+                        "seed": seed,
+                        "defences": defences,
+                        **result,
+                        "clean": clean["accuracy"],
+                    }
+                )
+                print(render(rows[-1:], name).splitlines()[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"One attacker of {args.clients} clients, profile {args.profile.name}"
+    (args.out / "attacks.md").write_text(render(rows, title))
+    (args.out / "attacks.json").write_text(json.dumps(rows, indent=2))
+    print(f"wrote {args.out / 'attacks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
