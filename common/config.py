@@ -95,6 +95,8 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "proximal-mu",
             "max-update-ratio",
             "max-weight-ratio",
+            "aggregation",
+            "trim-fraction",
         }
     )
     | DISTILLATION_KEYS
@@ -110,6 +112,9 @@ MetaPrior = Literal["label-share", "experts", "none"]
 # code), or every expert's head on the features of the global model the kd-round sent, the
 # feature space the prototypes it was trained on were taken in (docs/results.md).
 MetaFeatures = Literal["experts", "global"]
+# How FedAvg's rounds combine the client models: Flower's weighted mean, or its coordinate-wise
+# median (FedMedian) or trimmed mean (FedTrimmedAvg), which no single client can move far.
+Aggregation = Literal["mean", "median", "trimmed-mean"]
 
 
 # --- per-phase views: what each training loop reads, built from the run config ---------------
@@ -282,6 +287,8 @@ class RunConfig(BaseModel):
     # --- defences (server_app/defences.py; 0 turns each off) --------------------------------
     max_update_ratio: float = Field(ge=0, le=1e6)  # refuse updates > this x the round's median
     max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
+    aggregation: Aggregation  # mean (FedAvg) | median | trimmed-mean
+    trim_fraction: float = Field(ge=0, lt=0.5)  # trimmed-mean: the share cut at each end
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
     dense_lambda_bn: float = Field(ge=0, le=1_000)  # BatchNorm-statistics term, client models
     dense_lambda_adv: float = Field(ge=0, le=1_000)  # student-teacher disagreement term

@@ -126,6 +126,8 @@ OTHER_VALUES: dict[str, Any] = {
     "proximal-mu": 0.5,
     "max-update-ratio": 50.0,
     "max-weight-ratio": 50.0,
+    "aggregation": "median",
+    "trim-fraction": 0.1,
     "protos-per-class": 2,
     "min-proto-samples": 2,
     "gen-steps": 2,

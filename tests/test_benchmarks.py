@@ -174,6 +174,8 @@ def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> Non
         "meta-features": "experts",
         "max-update-ratio": 0.0,
         "max-weight-ratio": 0.0,
+        "aggregation": "mean",
+        "trim-fraction": 0.2,
     }
     now = {**old, **ADDED_KEYS}
     assert _changed_keys(old, now) == []

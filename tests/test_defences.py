@@ -169,6 +169,25 @@ def test_an_update_far_above_the_rounds_median_is_refused_when_bounded(data_root
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_a_robust_aggregation_keeps_a_boosted_update_from_moving_the_model(
+    data_root, tmp_path, aggregation
+) -> None:
+    tamper = _train_replies_of(3, _scaled(100.0))
+    options = {**FEDAVG_2_ROUNDS, "trim_fraction": 0.34}
+    _, robust = run(data_root, tmp_path / "r", tamper=tamper, aggregation=aggregation, **options)
+    _, mean = run(data_root, tmp_path / "m", tamper=tamper, **options)
+    for folder in (robust, mean):
+        assert read_json(folder, "participation.json")["1"]["rejected"] == {}  # accepted
+    robust_state, mean_state = final_model(robust), final_model(mean)
+    largest = {
+        name: max(float(s[k].abs().max()) for k in s if s[k].is_floating_point())
+        for name, s in (("robust", robust_state), ("mean", mean_state))
+    }
+    assert largest["robust"] < 0.1 * largest["mean"]
+
+
+@pytest.mark.integration
 def test_inflated_counts_are_capped_at_the_weight_ratio(data_root, tmp_path) -> None:
     inflation = 10**6
 

@@ -34,7 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from common.config import ConfigError, RunConfig
 from common.data import DatasetInfo
@@ -62,6 +62,13 @@ from server_app.defences import (
 from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, log_uplink
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+# ``aggregation`` -> Flower's own aggregation of the round's validated replies (each reads only
+# FedAvg's attributes, and ``beta`` for the trimmed mean).
+AGGREGATIONS = {
+    "mean": FedAvg.aggregate_train,
+    "median": FedMedian.aggregate_train,
+    "trimmed-mean": FedTrimmedAvg.aggregate_train,
+}
 
 
 @dataclass
@@ -115,6 +122,7 @@ class CheckedFedAvg(FedAvg):
             min_available_nodes=cfg.min_nodes,
         )
         self.cfg = cfg
+        self.beta = cfg.trim_fraction  # what FedTrimmedAvg's aggregation reads
         self.info = info
         self.template = template
         self.device = device or torch.device("cpu")
@@ -308,7 +316,8 @@ class CheckedFedAvg(FedAvg):
             _strip_to_fedavg(entry.message, size)
             for entry, size in zip(accepted, sizes, strict=True)
         ]
-        arrays, metrics = super().aggregate_train(server_round, fedavg_view)
+        aggregate = AGGREGATIONS[self.cfg.aggregation]
+        arrays, metrics = aggregate(self, server_round, fedavg_view)
         if arrays is not None:
             arrays = self._like_template(arrays)
             if not computes_finite(self._model_of(arrays), self._probe):
@@ -407,7 +416,8 @@ def _strip_to_fedavg(msg: Message, weight: int | None = None) -> Message:
     metrics = msg.content[METRICS]
     if weight is not None:
         metrics = MetricRecord({**metrics, "num-examples": weight})
-    content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: metrics})
+    arrays = ArrayRecord(dict(msg.content[ARRAYS].items()))  # FedMedian pops from its record
+    content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     view = copy.copy(msg)
     view.content = content
     return view
