@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["tests.real_processes"]  # the flwr_home fixture of the real-process tests
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(1)
 

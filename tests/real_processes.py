@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,15 @@ def run_launcher(
         stdout, stderr = process.communicate(timeout=60)
         pytest.fail(f"{command} ran over {timeout} s\n{stdout[-4000:]}\n{stderr[-4000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.fixture
+def flwr_home(tmp_path: Path) -> Iterator[Path]:
+    """A private FLWR_HOME; whatever a test leaves running under it is stopped afterwards."""
+    from deploy.processes import find_local_superlinks, list_processes, stop_processes
+
+    home = tmp_path / "flwr-home"
+    yield home
+    leftovers = find_local_superlinks(list_processes(), home) + processes_with_home(home)
+    if leftovers:
+        stop_processes(leftovers)

@@ -17,15 +17,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.paths import default_data_root, default_results_dir, installed_checkout
-from deploy.processes import find_local_superlinks, free_ports, list_processes, stop_processes
-from tests.real_processes import processes_with_home
+from deploy.processes import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 README_COMMAND = re.compile(r"^flwr run \. .*conf/quick\.toml.*$", re.MULTILINE)
@@ -42,15 +40,6 @@ def test_the_environment_was_installed_from_this_checkout() -> None:
     assert installed_checkout() == REPO
     assert default_data_root() == REPO / "data"
     assert default_results_dir() == REPO / "results"
-
-
-@pytest.fixture
-def flwr_home(tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "flwr-home"
-    yield home
-    leftovers = find_local_superlinks(list_processes(), home) + processes_with_home(home)
-    if leftovers:
-        stop_processes(leftovers)
 
 
 def test_readme_flwr_run_line_works_after_setup(flwr_home: Path) -> None:

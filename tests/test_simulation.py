@@ -11,13 +11,13 @@ import json
 import subprocess
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from deploy.processes import find_local_superlinks, list_processes, stop_processes
+from deploy.processes import find_local_superlinks, list_processes
 from tests.real_processes import fetch_fashion_mnist, processes_with_home, run_launcher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,16 +36,6 @@ Simulate = Callable[..., subprocess.CompletedProcess[str]]
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fetch_fashion_mnist(tmp_path_factory)
-
-
-@pytest.fixture
-def flwr_home(tmp_path: Path) -> Iterator[Path]:
-    """A private FLWR_HOME; whatever a test leaves running under it is stopped afterwards."""
-    home = tmp_path / "flwr-home"
-    yield home
-    leftovers = find_local_superlinks(list_processes(), home) + processes_with_home(home)
-    if leftovers:
-        stop_processes(leftovers)
 
 
 @pytest.fixture
