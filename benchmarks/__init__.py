@@ -242,6 +242,7 @@ ADDED_KEYS: dict[str, Any] = {
     "max-weight-ratio": 0.0,
     "aggregation": "mean",
     "trim-fraction": 0.2,
+    "krum-malicious": 1,
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

@@ -97,6 +97,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "max-weight-ratio",
             "aggregation",
             "trim-fraction",
+            "krum-malicious",
         }
     )
     | DISTILLATION_KEYS
@@ -113,8 +114,9 @@ MetaPrior = Literal["label-share", "experts", "none"]
 # feature space the prototypes it was trained on were taken in (docs/results.md).
 MetaFeatures = Literal["experts", "global"]
 # How FedAvg's rounds combine the client models: Flower's weighted mean, or its coordinate-wise
-# median (FedMedian) or trimmed mean (FedTrimmedAvg), which no single client can move far.
-Aggregation = Literal["mean", "median", "trimmed-mean"]
+# median (FedMedian) or trimmed mean (FedTrimmedAvg), which no single client can move far, or
+# the mean of the replies Multi-Krum keeps (the n - krum-malicious closest to the others).
+Aggregation = Literal["mean", "median", "trimmed-mean", "multi-krum"]
 
 
 # --- per-phase views: what each training loop reads, built from the run config ---------------
@@ -289,6 +291,7 @@ class RunConfig(BaseModel):
     max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
     aggregation: Aggregation  # mean (FedAvg) | median | trimmed-mean
     trim_fraction: float = Field(ge=0, lt=0.5)  # trimmed-mean: the share cut at each end
+    krum_malicious: int = Field(ge=0, le=100_000)  # multi-krum: clients assumed malicious
     # --- DENSE baseline (server-side generator; its sizes come from the keys above) ---------
     dense_lambda_bn: float = Field(ge=0, le=1_000)  # BatchNorm-statistics term, client models
     dense_lambda_adv: float = Field(ge=0, le=1_000)  # student-teacher disagreement term

@@ -128,6 +128,7 @@ OTHER_VALUES: dict[str, Any] = {
     "max-weight-ratio": 50.0,
     "aggregation": "median",
     "trim-fraction": 0.1,
+    "krum-malicious": 2,
     "protos-per-class": 2,
     "min-proto-samples": 2,
     "gen-steps": 2,

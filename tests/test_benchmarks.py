@@ -176,6 +176,7 @@ def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> Non
         "max-weight-ratio": 0.0,
         "aggregation": "mean",
         "trim-fraction": 0.2,
+        "krum-malicious": 1,
     }
     now = {**old, **ADDED_KEYS}
     assert _changed_keys(old, now) == []

@@ -169,7 +169,7 @@ def test_an_update_far_above_the_rounds_median_is_refused_when_bounded(data_root
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean", "multi-krum"])
 def test_a_robust_aggregation_keeps_a_boosted_update_from_moving_the_model(
     data_root, tmp_path, aggregation
 ) -> None:

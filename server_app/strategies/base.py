@@ -34,7 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, MultiKrum
 
 from common.config import ConfigError, RunConfig
 from common.data import DatasetInfo
@@ -63,11 +63,12 @@ from server_app.traffic import NodeTraffic, check_payload_limits, log_downlink, 
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 # ``aggregation`` -> Flower's own aggregation of the round's validated replies (each reads only
-# FedAvg's attributes, and ``beta`` for the trimmed mean).
+# FedAvg's attributes, ``beta`` for the trimmed mean and the two Krum counts for Multi-Krum).
 AGGREGATIONS = {
     "mean": FedAvg.aggregate_train,
     "median": FedMedian.aggregate_train,
     "trimmed-mean": FedTrimmedAvg.aggregate_train,
+    "multi-krum": MultiKrum.aggregate_train,
 }
 
 
@@ -316,6 +317,8 @@ class CheckedFedAvg(FedAvg):
             _strip_to_fedavg(entry.message, size)
             for entry, size in zip(accepted, sizes, strict=True)
         ]
+        self.num_malicious_nodes = self.cfg.krum_malicious  # what MultiKrum reads
+        self.num_nodes_to_select = max(1, len(fedavg_view) - self.cfg.krum_malicious)
         aggregate = AGGREGATIONS[self.cfg.aggregation]
         arrays, metrics = aggregate(self, server_round, fedavg_view)
         if arrays is not None:
