@@ -45,12 +45,14 @@ def _inflate_held(reply: Message) -> None:
 
 
 def _inflate_missing(reply: Message) -> None:
-    """Claim 10^5 samples of every class it does not hold: own those classes' experts."""
+    """Claim 10^5 samples of every class it barely holds (under 10 samples; Dirichlet splits
+    leave a client one or two samples of most classes): own those classes' experts."""
     counts = list(reply.content[LABEL_COUNTS]["counts"])
     added = 0
     for label, count in enumerate(counts):
-        if count == 0:
-            counts[label], added = INFLATION // 10, added + INFLATION // 10
+        if count < 10:
+            counts[label] += INFLATION // 10
+            added += INFLATION // 10
     reply.content[LABEL_COUNTS] = MetricRecord({"counts": counts})
     reply.content[METRICS]["num-examples"] = int(reply.content[METRICS]["num-examples"]) + added
 
@@ -78,7 +80,7 @@ def _claim_partition_0(reply: Message) -> None:
 
 ATTACKS: dict[str, Change] = {
     "inflated-counts": _inflate_held,
-    "counts-for-classes-not-held": _inflate_missing,
+    "counts-for-classes-barely-held": _inflate_missing,
     "negative-bn-variance": _negative_variance,
     "boosted-update": _boosted,
     "claims-another-partition": _claim_partition_0,
