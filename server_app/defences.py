@@ -65,9 +65,9 @@ def partition_claims(
     """Who may answer for each partition this round, and the nodes that may not.
 
     ``claims`` are (node, partition) pairs of the round's replies; ``owners`` the node that
-    answered for each partition before. An owner keeps its partition while it takes part
-    (``present``: the nodes sampled this round); a partition whose owner is gone (a restarted
-    node gets a new id) goes to the lowest node id claiming it. Returns the owners after this
+    answered for each partition before. An owner keeps its partition while it is ``present``
+    (connected, sampled or not); a partition whose owner is gone (a restarted node gets a new
+    id) goes to the lowest node id claiming it. Returns the owners after this
     round and the nodes whose claim is refused.
     """
     owners = dict(owners)

@@ -143,6 +143,7 @@ class CheckedFedAvg(FedAvg):
         self.rounds_done = 0  # rounds completed before this start() (set when resuming)
         self.partition_owners: dict[int, int] = {}  # partition id -> the node answering for it
         self._sent_state: dict[str, torch.Tensor] | None = None  # this round's model, if needed
+        self._connected: set[int] = set()  # the nodes connected when the round was configured
         # A fixed input to check that an aggregate computes finite outputs before it is adopted
         self._probe = torch.randn(2, *info.image_shape, generator=torch.Generator().manual_seed(0))
         self._round_started = 0.0
@@ -197,6 +198,7 @@ class CheckedFedAvg(FedAvg):
         server_round = self.run_round(server_round)
         self._round_started = time.perf_counter()
         self._sent_state = record_to_state(arrays) if self.cfg.max_update_ratio > 0 else None
+        self._connected = set(grid.get_node_ids())  # a partition's owner keeps it while connected
         round_config = ConfigRecord({**config, **self.instructions(server_round).to_config()})
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
         self._instructions = messages  # the grid gives them their message ids when it sends
@@ -250,13 +252,14 @@ class CheckedFedAvg(FedAvg):
     ) -> list[Accepted]:
         """Well-formed replies the server still refuses (``server_app.defences``), each filed
         under ``rejected`` with its rule: a partition another node answers for
-        (``partition-claimed``), label counts other than the partition sent before
-        (``label-counts-changed``), and with ``max-update-ratio`` an update further from the
-        sent model than that many times the round's median (``update-norm``)."""
+        (``partition-claimed``; an owner keeps its partition while it stays connected), label
+        counts other than the partition sent before (``label-counts-changed``), and with
+        ``max-update-ratio`` an update further from the sent model than that many times the
+        round's median (``update-norm``)."""
         round_log = self.rounds[server_round]
         claims = [(entry.node, entry.reply.partition_id) for entry in accepted]
         self.partition_owners, refused = partition_claims(
-            claims, self.partition_owners, set(round_log.sampled)
+            claims, self.partition_owners, self._connected | set(round_log.sampled)
         )
         rules = {entry.node: "partition-claimed" for entry in accepted if entry.node in refused}
         for entry in accepted:
