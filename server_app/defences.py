@@ -93,7 +93,8 @@ def computes_finite(model: nn.Module, probe: torch.Tensor) -> bool:
         return False
     was_training = model.training
     model.eval()
+    device = next((t.device for t in model.state_dict().values()), probe.device)
     try:
-        return bool(torch.isfinite(model(probe)).all())
+        return bool(torch.isfinite(model(probe.to(device))).all())
     finally:
         model.train(was_training)
