@@ -243,6 +243,7 @@ ADDED_KEYS: dict[str, Any] = {
     "aggregation": "mean",
     "trim-fraction": 0.2,
     "krum-malicious": 1,
+    "kd-pool-batches": 0,
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

@@ -53,6 +53,7 @@ DISTILLATION_KEYS: frozenset[str] = frozenset(
         "kd-generator-weighting",
         "kd-proximal-mu",
         "kd-ema",
+        "kd-pool-batches",
     }
 )
 META_KEYS: frozenset[str] = frozenset(
@@ -174,6 +175,7 @@ class Distillation:
     temperature: float = 1.0
     proximal_mu: float = 0.0
     ema: float = 0.0
+    pool_batches: int = 0  # > 0: label this many batches once and cycle through them
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ class RunConfig(BaseModel):
     kd_generator_weighting: GeneratorWeighting
     kd_proximal_mu: float = Field(ge=0, le=1e6)  # pull of the student back to the FedAvg model
     kd_ema: float = Field(ge=0, lt=1)  # 0 = last iterate; else EMA of the student's weights
+    kd_pool_batches: int = Field(ge=0, le=1_000_000)  # > 0: teacher labels this many, reused
     # --- defences (server_app/defences.py; 0 turns each off) --------------------------------
     max_update_ratio: float = Field(ge=0, le=1e6)  # refuse updates > this x the round's median
     max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
@@ -383,6 +386,7 @@ class RunConfig(BaseModel):
             temperature=self.kd_temperature,
             proximal_mu=self.kd_proximal_mu,
             ema=self.kd_ema,
+            pool_batches=self.kd_pool_batches,
         )
 
     def dense_training(self, num_clients: int) -> DenseTraining:

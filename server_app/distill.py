@@ -171,6 +171,11 @@ def distill(
         35% of its norm, and one FedAvg round from there lost 12 points (71.1 -> 59.0) where
         the undistilled model gained 10; the pull keeps the student near the point FedAvg's
         clients were already agreeing on.
+    settings.pool_batches
+        With ``pool_batches > 0`` the first that many steps draw and label fresh batches, and
+        every later step reuses them in turn: the teacher (most of a step's time when it runs
+        every client model) labels ``pool_batches`` batches instead of ``steps``. With
+        ``pool_batches >= steps`` the run is the plain one, bit for bit.
     settings.ema
         With ``ema > 0`` the student ends as the exponential moving average (that decay per
         step, ``torch.optim.swa_utils``) of its weights over the steps instead of the last
@@ -211,12 +216,22 @@ def distill(
     rng = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
     agreements: deque[Tensor] = deque(maxlen=50)  # per-sample argmax matches, last 50 steps
+    pool: list[tuple[Tensor, Tensor]] = []  # (images, teacher logits), when settings.pool_batches
+
+    def labelled_batch() -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            samples = [_sample(g, batch_per_generator, rng) for g in generators]
+            images = to_input(torch.cat(samples))
+            return images, teacher(images)
+
     with _sampling_with_batch_statistics(generators), training_with_frozen_batchnorm(student):
         for step in range(1, steps + 1):
-            with torch.no_grad():
-                samples = [_sample(g, batch_per_generator, rng) for g in generators]
-                images = to_input(torch.cat(samples))
-                teacher_logits = teacher(images)
+            if not settings.pool_batches:
+                images, teacher_logits = labelled_batch()
+            else:  # the teacher labels each pooled batch once; later steps go round the pool
+                if len(pool) < settings.pool_batches:
+                    pool.append(labelled_batch())
+                images, teacher_logits = pool[(step - 1) % settings.pool_batches]
             student_logits = student(images)
             loss = kd_loss(
                 student_logits,

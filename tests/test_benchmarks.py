@@ -177,6 +177,7 @@ def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> Non
         "aggregation": "mean",
         "trim-fraction": 0.2,
         "krum-malicious": 1,
+        "kd-pool-batches": 0,
     }
     now = {**old, **ADDED_KEYS}
     assert _changed_keys(old, now) == []

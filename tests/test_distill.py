@@ -296,3 +296,24 @@ def test_ema_student_is_the_moving_average_of_the_iterates() -> None:
             to_input=lambda x: x,
             device="cpu",
         )
+
+
+def test_a_pool_labels_each_batch_once_and_a_full_pool_is_the_plain_run() -> None:
+    teacher, student, generators = _tiny_problem()
+    calls = []
+    teacher.register_forward_hook(lambda module, args, out: calls.append(1))
+
+    def run(**pool) -> list[torch.Tensor]:
+        trained = copy.deepcopy(student)
+        settings = Distillation(steps=6, batch_per_generator=4, lr=1e-2, **pool)
+        distill(trained, teacher, generators, settings, to_input=lambda x: x, device="cpu", seed=1)
+        return [p.detach() for p in trained.parameters()]
+
+    plain = run()
+    assert len(calls) == 6
+    calls.clear()
+    pooled = run(pool_batches=2)
+    assert len(calls) == 2  # the teacher labelled two batches; six steps went round them
+    assert any(not torch.equal(a, b) for a, b in zip(pooled, plain, strict=True))
+    for a, b in zip(run(pool_batches=6), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

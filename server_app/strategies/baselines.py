@@ -87,7 +87,10 @@ class DenseStrategy(TeacherStrategy):
     reads = (
         DENSE_KEYS
         | SERVER_GENERATOR_KEYS
-        | (DISTILLATION_KEYS - {"kd-generator-weighting", "kd-proximal-mu", "kd-ema"})
+        | (
+            DISTILLATION_KEYS
+            - {"kd-generator-weighting", "kd-proximal-mu", "kd-ema", "kd-pool-batches"}
+        )
         | {"kd-every"}
     )
 
