@@ -325,8 +325,11 @@ class CheckedFedAvg(FedAvg):
         aggregate = AGGREGATIONS[self.cfg.aggregation]
         arrays, metrics = aggregate(self, server_round, fedavg_view)
         if arrays is not None:
-            arrays = self._like_template(arrays)
-            if not computes_finite(self._model_of(arrays), self._probe):
+            # Loading into the template casts back to its dtypes (FedAvg turns int counters to
+            # float); the same model is checked before the average is adopted.
+            model = self._model_of(arrays)
+            arrays = state_to_record(model.state_dict())
+            if not computes_finite(model, self._probe):
                 round_log.skipped = "aggregate-finite: the average computes NaN or Inf"
                 log(WARNING, "round %d skipped (%s): model kept", server_round, round_log.skipped)
                 round_log.seconds = time.perf_counter() - self._round_started
@@ -404,15 +407,10 @@ class CheckedFedAvg(FedAvg):
         self.label_counts = dict(state["label-counts"])
 
     def _model_of(self, arrays: ArrayRecord) -> Classifier:
+        """The template architecture holding ``arrays``, in the template's dtypes."""
         model = copy.deepcopy(self.template)
         model.load_state_dict(record_to_state(arrays))
         return model
-
-    def _like_template(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Cast averaged arrays back to the model's dtypes (FedAvg turns int counters to float)."""
-        model = copy.deepcopy(self.template)
-        model.load_state_dict(record_to_state(arrays))
-        return state_to_record(model.state_dict())
 
 
 def _strip_to_fedavg(msg: Message, weight: int | None = None) -> Message:
