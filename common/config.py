@@ -54,6 +54,7 @@ DISTILLATION_KEYS: frozenset[str] = frozenset(
         "kd-proximal-mu",
         "kd-ema",
         "kd-pool-batches",
+        "kd-generators-per-step",
     }
 )
 META_KEYS: frozenset[str] = frozenset(
@@ -176,6 +177,7 @@ class Distillation:
     proximal_mu: float = 0.0
     ema: float = 0.0
     pool_batches: int = 0  # > 0: label this many batches once and cycle through them
+    generators_per_step: int = 0  # > 0: each step samples this many generators, in turn
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,7 @@ class RunConfig(BaseModel):
     kd_proximal_mu: float = Field(ge=0, le=1e6)  # pull of the student back to the FedAvg model
     kd_ema: float = Field(ge=0, lt=1)  # 0 = last iterate; else EMA of the student's weights
     kd_pool_batches: int = Field(ge=0, le=1_000_000)  # > 0: teacher labels this many, reused
+    kd_generators_per_step: int = Field(ge=0, le=100_000)  # > 0: a step samples this many
     # --- defences (server_app/defences.py; 0 turns each off) --------------------------------
     max_update_ratio: float = Field(ge=0, le=1e6)  # refuse updates > this x the round's median
     max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
@@ -387,6 +390,7 @@ class RunConfig(BaseModel):
             proximal_mu=self.kd_proximal_mu,
             ema=self.kd_ema,
             pool_batches=self.kd_pool_batches,
+            generators_per_step=self.kd_generators_per_step,
         )
 
     def dense_training(self, num_clients: int) -> DenseTraining:

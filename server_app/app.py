@@ -52,18 +52,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The server's own phases in a teacher round, each with the figure that times it ("teacher"
+# stands for the strategy's ``teacher_phase``: the meta model for Mosaic).
+_SERVER_PHASES = {
+    "teacher": "meta-seconds",
+    "teacher-and-student-evaluation": "evaluation-seconds",
+    "distillation": "kd-seconds",
+}
+
+
 def phase_seconds(strategy: CheckedFedAvg) -> dict[str, float]:
     """Wall time per phase: federated rounds before/after distillation, generators, meta, KD."""
     phases: dict[str, float] = {}
     for server_round, round_log in strategy.rounds.items():
         phase = strategy.phase_of(server_round)
         mosaic = round_log.mosaic
-        server_side = mosaic.get("meta-seconds", 0.0) + mosaic.get("kd-seconds", 0.0)
+        server_side = sum(mosaic.get(key, 0.0) for key in _SERVER_PHASES.values())
         phases[phase] = phases.get(phase, 0.0) + round_log.seconds - server_side
         if mosaic and isinstance(strategy, TeacherStrategy):
-            teacher_phase = strategy.teacher_phase
-            for phase, key in ((teacher_phase, "meta-seconds"), ("distillation", "kd-seconds")):
-                phases[phase] = phases.get(phase, 0.0) + mosaic.get(key, 0.0)
+            for name, key in _SERVER_PHASES.items():
+                name = strategy.teacher_phase if name == "teacher" else name
+                if key in mosaic:
+                    phases[name] = phases.get(name, 0.0) + mosaic[key]
     return {k: round(v, 1) for k, v in phases.items()}
 
 

@@ -84,6 +84,7 @@ class DistillResult:
     mean_loss_last_50: float
     teacher_student_agreement: float  # argmax agreement over the samples of the last 50 steps
     seconds: float
+    teacher_seconds: float = 0.0  # of which drawing samples and labelling them with the teacher
 
 
 @contextmanager
@@ -176,6 +177,12 @@ def distill(
         every later step reuses them in turn: the teacher (most of a step's time when it runs
         every client model) labels ``pool_batches`` batches instead of ``steps``. With
         ``pool_batches >= steps`` the run is the plain one, bit for bit.
+    settings.generators_per_step
+        With ``0 < generators_per_step < len(generators)`` each step draws from that many
+        generators only, taken in turn from a seeded shuffle, so that a step's batch (and the
+        student's cost) stays ``generators_per_step x batch_per_generator`` however many
+        clients uploaded one; every generator still serves ``steps x generators_per_step /
+        len(generators)`` steps. ``0`` (or at least ``len(generators)``) draws from all.
     settings.ema
         With ``ema > 0`` the student ends as the exponential moving average (that decay per
         step, ``torch.optim.swa_utils``) of its weights over the steps instead of the last
@@ -208,30 +215,47 @@ def distill(
     for g in generators:
         g.to(device)
     weights = _normalised_weights(generator_weights, len(generators), device)
-    sample_weights = None if weights is None else weights.repeat_interleave(batch_per_generator)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    per_step = settings.generators_per_step
+    if not 0 < per_step < len(generators):
+        per_step = len(generators)
+    rotation = torch.randperm(len(generators), generator=torch.Generator().manual_seed(seed))
     parameters = list(student.parameters())
     anchor = [p.detach().clone() for p in parameters] if proximal_mu > 0 else None
     optimizer = torch.optim.Adam(parameters, lr=settings.lr)
     average = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
-    rng = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
     agreements: deque[Tensor] = deque(maxlen=50)  # per-sample argmax matches, last 50 steps
-    pool: list[tuple[Tensor, Tensor]] = []  # (images, teacher logits), when settings.pool_batches
+    pool: list[tuple[Tensor, Tensor, Tensor | None]] = []  # when settings.pool_batches
+    teacher_seconds = 0.0
 
-    def labelled_batch() -> tuple[Tensor, Tensor]:
+    def labelled_batch(step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Images of the step's generators, their teacher logits and per-sample weights."""
+        nonlocal teacher_seconds
+        started = time.perf_counter()
+        if per_step == len(generators):
+            chosen = list(range(len(generators)))
+        else:
+            first = (step - 1) * per_step
+            chosen = [int(rotation[(first + j) % len(generators)]) for j in range(per_step)]
         with torch.no_grad():
-            samples = [_sample(g, batch_per_generator, rng) for g in generators]
+            samples = [_sample(generators[i], batch_per_generator, rng) for i in chosen]
             images = to_input(torch.cat(samples))
-            return images, teacher(images)
+            teacher_logits = teacher(images)
+        sample_weights = None
+        if weights is not None:
+            sample_weights = weights[chosen].repeat_interleave(batch_per_generator)
+        teacher_seconds += time.perf_counter() - started
+        return images, teacher_logits, sample_weights
 
     with _sampling_with_batch_statistics(generators), training_with_frozen_batchnorm(student):
         for step in range(1, steps + 1):
             if not settings.pool_batches:
-                images, teacher_logits = labelled_batch()
+                images, teacher_logits, sample_weights = labelled_batch(step)
             else:  # the teacher labels each pooled batch once; later steps go round the pool
                 if len(pool) < settings.pool_batches:
-                    pool.append(labelled_batch())
-                images, teacher_logits = pool[(step - 1) % settings.pool_batches]
+                    pool.append(labelled_batch(step))
+                images, teacher_logits, sample_weights = pool[(step - 1) % settings.pool_batches]
             student_logits = student(images)
             loss = kd_loss(
                 student_logits,
@@ -266,4 +290,5 @@ def distill(
         mean_loss_last_50=sum(losses[-50:]) / len(losses[-50:]),
         teacher_student_agreement=_share_agreeing(agreements),
         seconds=time.perf_counter() - start,
+        teacher_seconds=teacher_seconds,
     )

@@ -122,6 +122,7 @@ OTHER_VALUES: dict[str, Any] = {
     "kd-proximal-mu": 0.3,
     "kd-ema": 0.9,
     "kd-pool-batches": 2,
+    "kd-generators-per-step": 3,
     "dense-lambda-bn": 0.5,
     "dense-lambda-adv": 0.5,
     "proximal-mu": 0.5,

@@ -317,3 +317,40 @@ def test_a_pool_labels_each_batch_once_and_a_full_pool_is_the_plain_run() -> Non
     assert any(not torch.equal(a, b) for a, b in zip(pooled, plain, strict=True))
     for a, b in zip(run(pool_batches=6), plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_generators_per_step_bounds_the_batch_and_takes_every_generator_in_turn() -> None:
+    teacher, student, generators = _tiny_problem()
+    spec = generators[0].spec
+    generators = generators + [Generator(spec) for _ in range(3)]  # five generators
+    drawn: list[int] = []
+    for index, generator in enumerate(generators):
+        generator.register_forward_hook(lambda module, args, out, i=index: drawn.append(i))
+    batches: list[int] = []
+    teacher.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
+
+    def run(**settings) -> list[torch.Tensor]:
+        trained = copy.deepcopy(student)
+        distill(
+            trained,
+            teacher,
+            generators,
+            Distillation(steps=5, batch_per_generator=4, lr=1e-2, **settings),
+            to_input=lambda x: x,
+            generator_weights=[1.0, 2.0, 3.0, 4.0, 5.0],
+            device="cpu",
+            seed=3,
+        )
+        return [p.detach() for p in trained.parameters()]
+
+    plain = run()
+    assert batches == [20] * 5 and sorted(drawn) == sorted(list(range(5)) * 5)
+    batches.clear()
+    drawn.clear()
+    capped = run(generators_per_step=2)
+    assert batches == [8] * 5  # 2 generators x 4 samples, however many generators there are
+    assert sorted(drawn) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # 10 draws, each generator in turn
+    assert all(drawn[2 * s] != drawn[2 * s + 1] for s in range(5))  # two different a step
+    assert any(not torch.equal(a, b) for a, b in zip(capped, plain, strict=True))
+    for a, b in zip(run(generators_per_step=5), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # as many as there are: the plain run
