@@ -14,6 +14,9 @@ on shared machines; ratios much less):
     ``server_app.moe.ExpertEnsemble``) against the same models stacked into one network
     (grouped convolutions and batched matrix products, :class:`StackedSmallCNN`), with their
     outputs compared.
+``scale``
+    One Mosaic run per client count (``--scale-clients``, in-process, on ``--profile`` with
+    ``--set``): its phases and the process's peak resident memory, side by side.
 ``kd``
     One distillation step's parts for a Mosaic teacher over ``K`` clients (experts read in full
     and the label-share prior: every client model on every sample, the costliest teacher), for
@@ -26,6 +29,7 @@ Examples::
     python -m benchmarks.speed --part run                  # the default profile, 10 clients
     python -m benchmarks.speed --part run --profile conf/quick.toml --clients 3
     python -m benchmarks.speed --part teacher kd --kd-clients 10 30 100
+    python -m benchmarks.speed --part scale --scale-clients 10 30 100 --set num-rounds=3 ...
 """
 
 from __future__ import annotations
@@ -153,6 +157,31 @@ def part_run(args: argparse.Namespace) -> None:
     print(f"\nMosaic / FedAvg wall time: {ratio:.2f}x (target: at most 2x)")
 
 
+# --- scale: one run per client count --------------------------------------------------------
+def part_scale(args: argparse.Namespace) -> None:
+    from benchmarks import _peak_rss_mb, _reset_peak_rss
+
+    runs: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="mosaic-scale-") as folder:
+        for clients in args.scale_clients:
+            _reset_peak_rss()
+            run = run_once(args.profile, "mosaic", clients, args.set, Path(folder) / str(clients))
+            run["peak-rss-mib"] = _peak_rss_mb()
+            runs[clients] = run
+    print(f"\n## Mosaic as the clients grow: {args.profile.name} {' '.join(args.set)}, in-process")
+    counts = sorted(runs)
+    print(f"  {'phase':<58}" + "".join(f"{n:>9d} cl." for n in counts))
+    phases = list(dict.fromkeys(p for n in counts for p in runs[n]["phases"]))
+    for phase in phases:
+        cells = "".join(f"{runs[n]['phases'].get(phase, 0.0):11.1f} s" for n in counts)
+        print(f"  {phase:<58}{cells}")
+    print(
+        f"  {'peak resident memory':<58}"
+        + "".join(f"{runs[n]['peak-rss-mib']:9.0f} MiB" for n in counts)
+    )
+    print(f"  {'final accuracy':<58}" + "".join(f"{runs[n]['accuracy']:13.4f}" for n in counts))
+
+
 # --- teacher: a loop of client models against one stacked network ---------------------------
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """An eval-mode conv + BatchNorm as one conv's weight and bias."""
@@ -234,10 +263,14 @@ def part_teacher(args: argparse.Namespace) -> None:
 
 
 # --- kd: the distillation phase as the clients grow -----------------------------------------
-def kd_parts(clients: int, steps: int, batch_per_generator: int) -> dict[str, float]:
+def kd_parts(
+    clients: int, steps: int, batch_per_generator: int, meta_features: str = "experts"
+) -> dict[str, float]:
     """Seconds per labelled batch and per student step with ``clients`` client models and
     generators, every generator sampled every step (the batch grows with the clients) and ten
-    a step."""
+    a step. The teacher is Mosaic's with the label-share prior, its experts and prior read in
+    full (``meta_features="experts"``) or through their heads on one body's features
+    (``"global"``)."""
     from common.config import Distillation
     from common.models import Generator, GeneratorSpec
     from server_app.distill import distill
@@ -257,7 +290,8 @@ def kd_parts(clients: int, steps: int, batch_per_generator: int) -> dict[str, fl
         ExpertEnsemble(models[0], dict(enumerate(states))), label_share_weights(counts)
     )
     meta = MetaModel(experts.num_experts, 10)
-    teacher = MosaicTeacher(experts, meta, prior).eval()
+    body = copy.deepcopy(models[0]) if meta_features == "global" else None
+    teacher = MosaicTeacher(experts, meta, prior, body).eval()
     spec = GeneratorSpec(latent_dim=100, image_shape=(1, 28, 28))
     generators = [Generator(spec) for _ in range(clients)]
     parts: dict[str, float] = {}
@@ -277,9 +311,16 @@ def kd_parts(clients: int, steps: int, batch_per_generator: int) -> dict[str, fl
 
 
 def part_kd(args: argparse.Namespace) -> None:
+    for meta_features in args.kd_meta_features:
+        kd_table(args, meta_features)
+
+
+def kd_table(args: argparse.Namespace, meta_features: str) -> None:
+    reading = {"experts": "in full", "global": "as heads on one body's features"}[meta_features]
     print(
         f"\n## Distillation phase at {args.kd_steps} steps, {args.batch_per_generator} samples per"
-        f" generator, Mosaic teacher with experts in full and the label-share prior, {_where()}"
+        f" generator; Mosaic's teacher, experts and label-share prior read {reading}"
+        f" (meta-features {meta_features}); {_where()}"
     )
     print("  (measured per batch over a few steps; the phase = steps x student + batches labelled")
     print("   x labelling)")
@@ -289,7 +330,7 @@ def part_kd(args: argparse.Namespace) -> None:
     print(header.format(args.pool))
     phases: dict[int, float] = {}
     for clients in args.kd_clients:
-        parts = kd_parts(clients, args.probe_steps, args.batch_per_generator)
+        parts = kd_parts(clients, args.probe_steps, args.batch_per_generator, meta_features)
         plain = args.kd_steps * (parts["all: labelling"] + parts["all: student"])
         capped = args.kd_steps * (parts["ten: labelling"] + parts["ten: student"])
         pooled = args.kd_steps * parts["ten: student"] + args.pool * parts["ten: labelling"]
@@ -318,7 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--part", nargs="+", choices=["run", "teacher", "kd"], default=["run", "teacher", "kd"]
+        "--part",
+        nargs="+",
+        choices=["run", "teacher", "kd", "scale"],
+        default=["run", "teacher", "kd"],
     )
     parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     parser.add_argument("--clients", type=int, default=10, help="clients of the run part")
@@ -329,12 +373,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=320, help="teacher batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kd-clients", type=int, nargs="+", default=[10, 30, 100])
+    parser.add_argument(
+        "--kd-meta-features",
+        nargs="+",
+        choices=["experts", "global"],
+        default=["experts", "global"],
+    )
+    parser.add_argument("--scale-clients", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--kd-steps", type=int, default=300)
     parser.add_argument("--batch-per-generator", type=int, default=32)
     parser.add_argument("--pool", type=int, default=30, help="batches labelled, with the pool")
     parser.add_argument("--probe-steps", type=int, default=2, help="steps measured per case")
     args = parser.parse_args(argv)
-    parts = {"run": part_run, "teacher": part_teacher, "kd": part_kd}
+    parts = {"run": part_run, "teacher": part_teacher, "kd": part_kd, "scale": part_scale}
     for part in args.part:
         parts[part](args)
     return 0

@@ -49,7 +49,8 @@ def test_the_profile_accounts_for_the_whole_run() -> None:
     assert sum(rows.values()) == 100.0
 
 
-def test_the_kd_probe_times_labelling_and_student_steps() -> None:
-    parts = kd_parts(clients=2, steps=1, batch_per_generator=2)
+@pytest.mark.parametrize("meta_features", ["experts", "global"])
+def test_the_kd_probe_times_labelling_and_student_steps(meta_features: str) -> None:
+    parts = kd_parts(clients=2, steps=1, batch_per_generator=2, meta_features=meta_features)
     assert set(parts) == {"all: labelling", "all: student", "ten: labelling", "ten: student"}
     assert all(seconds > 0 for seconds in parts.values())
