@@ -5,7 +5,8 @@
 #   make test                     set up, then run the test suite
 #   make test-unit                set up, then the unit tests only (about a minute)
 #   make bench                    set up, then the quick benchmark suite (docs/results.md)
-#   make gpu-check                on a GPU machine: the CUDA tests, then the speed cells
+#   make speed                    set up, then the speed benchmark (docs/speed.md)
+#   make gpu-check                on a GPU machine: the CUDA tests, the speed benchmark, the speed cells
 #
 # Variables (make VAR=value ...):
 #   PROFILE   run-config profile              (default: conf/fmnist-dir0.1.toml)
@@ -24,7 +25,7 @@ SUITE ?= quick
 BENCH_ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: setup run run-fedavg test test-unit bench gpu-check lint clean-results
+.PHONY: setup run run-fedavg test test-unit bench speed gpu-check lint clean-results
 
 setup:
 	bash scripts/setup.sh
@@ -44,10 +45,15 @@ test-unit: setup
 bench: setup
 	$(PY) -m benchmarks --suite $(SUITE) $(BENCH_ARGS)
 
+speed: setup
+	$(PY) -m benchmarks.speed --profile $(PROFILE) --clients $(CLIENTS)
+
 # The speed cells train every client afresh (no reply cache): GPU, then the same cell on the CPUs.
 SPEED_CELLS := 'one-shot-fashion-mnist-a0.1-n5-mosaic-s0'
 gpu-check: setup
 	$(PY) -m pytest -q tests/test_cuda.py tests/test_distill.py tests/test_meta.py
+	$(PY) -m benchmarks.speed --part teacher kd --device cuda
+	$(PY) -m benchmarks.speed --part run --set device=cuda
 	$(PY) -m benchmarks --suite full --no-reply-cache --force --device cuda --cells $(SPEED_CELLS)
 	$(PY) -m benchmarks --suite full --no-reply-cache --force --device cpu --cells $(SPEED_CELLS) \
 		--out benchmarks/results/speed-cpu

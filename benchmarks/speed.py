@@ -202,13 +202,18 @@ class StackedSmallCNN(nn.Module):
             w1, b1 = zip(*(_folded(m.body[0], m.body[1]) for m in models), strict=True)
             w2, b2 = zip(*(_folded(m.body[4], m.body[5]) for m in models), strict=True)
             layout = torch.channels_last
-            self.w1 = torch.cat(w1).contiguous(memory_format=layout)
-            self.w2 = torch.cat(w2).contiguous(memory_format=layout)
-            self.b1, self.b2 = torch.cat(b1), torch.cat(b2)
-            self.dense = torch.stack([m.body[9].weight for m in models])
-            self.dense_bias = torch.stack([m.body[9].bias for m in models])
-            self.head = torch.stack([m.head.weight for m in models])
-            self.head_bias = torch.stack([m.head.bias for m in models])
+            tensors = {
+                "w1": torch.cat(w1).contiguous(memory_format=layout),
+                "w2": torch.cat(w2).contiguous(memory_format=layout),
+                "b1": torch.cat(b1),
+                "b2": torch.cat(b2),
+                "dense": torch.stack([m.body[9].weight for m in models]),
+                "dense_bias": torch.stack([m.body[9].bias for m in models]),
+                "head": torch.stack([m.head.weight for m in models]),
+                "head_bias": torch.stack([m.head.bias for m in models]),
+            }
+        for name, tensor in tensors.items():  # buffers: .to(device) moves them
+            self.register_buffer(name, tensor)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -239,10 +244,17 @@ def client_models(count: int, seed: int = 0) -> list[nn.Module]:
 def samples_per_second(function: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
     with torch.no_grad():
         function(x)  # warm-up: kernels chosen, memory allocated
+        _synchronize(x.device)
         started = time.perf_counter()
         for _ in range(repeats):
             function(x)
+        _synchronize(x.device)
     return repeats * len(x) / (time.perf_counter() - started)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def part_teacher(args: argparse.Namespace) -> None:
@@ -251,12 +263,16 @@ def part_teacher(args: argparse.Namespace) -> None:
     models = client_models(args.models)
     loop = ExpertEnsemble(models[0], {k: m.state_dict() for k, m in enumerate(models)})
     stacked = StackedSmallCNN(models)
-    x = torch.randn(args.batch, 1, 28, 28)
+    loop.to(args.device)
+    stacked.to(args.device)
+    x = torch.randn(args.batch, 1, 28, 28, device=args.device)
     with torch.no_grad():
         difference = (loop(x) - stacked(x)).abs().max().item()
     loop_rate = samples_per_second(loop, x, args.repeats)
     stacked_rate = samples_per_second(stacked, x, args.repeats)
-    print(f"\n## Teacher: {args.models} client CNNs, batches of {args.batch}, {_where()}")
+    print(
+        f"\n## Teacher: {args.models} client CNNs, batches of {args.batch}, {_where(args.device)}"
+    )
     print(f"  loop of models (ExpertEnsemble)   {loop_rate:10.0f} samples/s")
     print(f"  stacked (grouped conv, bmm)       {stacked_rate:10.0f} samples/s")
     print(f"  stacked / loop: {stacked_rate / loop_rate:.2f}x (outputs differ by {difference:.1e})")
@@ -264,7 +280,11 @@ def part_teacher(args: argparse.Namespace) -> None:
 
 # --- kd: the distillation phase as the clients grow -----------------------------------------
 def kd_parts(
-    clients: int, steps: int, batch_per_generator: int, meta_features: str = "experts"
+    clients: int,
+    steps: int,
+    batch_per_generator: int,
+    meta_features: str = "experts",
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Seconds per labelled batch and per student step with ``clients`` client models and
     generators, every generator sampled every step (the batch grows with the clients) and ten
@@ -302,9 +322,9 @@ def kd_parts(
         )
         warm_up = Distillation(steps=1, batch_per_generator=batch_per_generator)
         distill(
-            copy.deepcopy(student), teacher, generators, warm_up, to_input=torch.tanh, device="cpu"
+            copy.deepcopy(student), teacher, generators, warm_up, to_input=torch.tanh, device=device
         )
-        result = distill(student, teacher, generators, settings, to_input=torch.tanh, device="cpu")
+        result = distill(student, teacher, generators, settings, to_input=torch.tanh, device=device)
         parts[f"{label}: labelling"] = result.teacher_seconds / steps
         parts[f"{label}: student"] = (result.seconds - result.teacher_seconds) / steps
     return parts
@@ -320,7 +340,7 @@ def kd_table(args: argparse.Namespace, meta_features: str) -> None:
     print(
         f"\n## Distillation phase at {args.kd_steps} steps, {args.batch_per_generator} samples per"
         f" generator; Mosaic's teacher, experts and label-share prior read {reading}"
-        f" (meta-features {meta_features}); {_where()}"
+        f" (meta-features {meta_features}); {_where(args.device)}"
     )
     print("  (measured per batch over a few steps; the phase = steps x student + batches labelled")
     print("   x labelling)")
@@ -330,7 +350,9 @@ def kd_table(args: argparse.Namespace, meta_features: str) -> None:
     print(header.format(args.pool))
     phases: dict[int, float] = {}
     for clients in args.kd_clients:
-        parts = kd_parts(clients, args.probe_steps, args.batch_per_generator, meta_features)
+        parts = kd_parts(
+            clients, args.probe_steps, args.batch_per_generator, meta_features, args.device
+        )
         plain = args.kd_steps * (parts["all: labelling"] + parts["all: student"])
         capped = args.kd_steps * (parts["ten: labelling"] + parts["ten: student"])
         pooled = args.kd_steps * parts["ten: student"] + args.pool * parts["ten: labelling"]
@@ -348,7 +370,9 @@ def kd_table(args: argparse.Namespace, meta_features: str) -> None:
             )
 
 
-def _where() -> str:
+def _where(device: str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
     return f"CPU, {torch.get_num_threads()} torch threads"
 
 
@@ -368,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10, help="clients of the run part")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="run part overrides"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="teacher and kd parts (cpu | cuda | cuda:N); run part: --set",
     )
     parser.add_argument("--models", type=int, default=10, help="client models of the teacher")
     parser.add_argument("--batch", type=int, default=320, help="teacher batch")
