@@ -233,7 +233,7 @@ def distill(
         """Images of the step's generators, their teacher logits and per-sample weights."""
         nonlocal teacher_seconds
         started = time.perf_counter()
-        if per_step == len(generators):
+        if per_step == len(generators):  # all of them in partition order: the plain run
             chosen = list(range(len(generators)))
         else:
             first = (step - 1) * per_step
