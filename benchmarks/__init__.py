@@ -88,7 +88,7 @@ DOCS_RESULTS = REPO / "docs" / "results.md"
 Runner = Callable[[Mapping[str, Any], int], Any]
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Start a new peak-memory window for this process (Linux: ``/proc/self/clear_refs``).
 
     Cells run one after another in one process; without the reset each record would carry
@@ -98,8 +98,8 @@ def _reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory since :func:`_reset_peak_rss` (Linux ``VmHWM``), in MiB; the
+def peak_rss_mb() -> float:
+    """Peak resident memory since :func:`reset_peak_rss` (Linux ``VmHWM``), in MiB; the
     process's peak so far where ``/proc`` has none."""
     try:
         status = Path("/proc/self/status").read_text()
@@ -167,7 +167,7 @@ def run_cell(
     With ``reply_cache``, the record counts the client replies the cell reused and computed:
     its wall time holds only the client work it did itself."""
     record: dict[str, Any] = {"cell": asdict(cell), "key": cell.key, "config": dict(config)}
-    _reset_peak_rss()
+    reset_peak_rss()
     _reset_peak_gpu()
     if reply_cache is not None:
         before = (reply_cache.reused, reply_cache.computed)
@@ -198,7 +198,7 @@ def run_cell(
         phase_seconds=results.phase_seconds,
         wall_seconds=round(time.perf_counter() - started, 1),
         bytes_per_client=results.bytes_per_client(),
-        peak_rss_mb=round(_peak_rss_mb(), 1),
+        peak_rss_mb=round(peak_rss_mb(), 1),
         peak_gpu_mb=_peak_gpu_mb(),
         hardware=hardware(),
         label_counts=results.label_counts,

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -88,15 +89,14 @@ def run_once(
     profile: Path, strategy: str, clients: int, sets: Sequence[str], out: Path
 ) -> dict[str, Any]:
     """One in-process run; its phases, client-call times and server figures."""
+    from common.config import pyproject_defaults
     from deploy.run_config import build_run_config, check_runnable
     from server_app.inprocess import run_inprocess
     from server_app.results import RunResults
 
-    assignments = [*sets, f"results-dir='{out}'", f"min-nodes={clients}"]
+    assignments = [*sets, f"results-dir={json.dumps(str(out))}", f"min-nodes={clients}"]
     overrides, cfg = build_run_config(profile, strategy, assignments, f"speed-{strategy}")
     check_runnable(cfg, clients)
-    from common.config import pyproject_defaults
-
     config = {**pyproject_defaults(REPO / "pyproject.toml"), **overrides}
     with timed_client_calls() as client_seconds:
         started = time.perf_counter()
@@ -159,14 +159,14 @@ def part_run(args: argparse.Namespace) -> None:
 
 # --- scale: one run per client count --------------------------------------------------------
 def part_scale(args: argparse.Namespace) -> None:
-    from benchmarks import _peak_rss_mb, _reset_peak_rss
+    from benchmarks import peak_rss_mb, reset_peak_rss
 
     runs: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mosaic-scale-") as folder:
         for clients in args.scale_clients:
-            _reset_peak_rss()
+            reset_peak_rss()
             run = run_once(args.profile, "mosaic", clients, args.set, Path(folder) / str(clients))
-            run["peak-rss-mib"] = _peak_rss_mb()
+            run["peak-rss-mib"] = peak_rss_mb()
             runs[clients] = run
     print(f"\n## Mosaic as the clients grow: {args.profile.name} {' '.join(args.set)}, in-process")
     counts = sorted(runs)
