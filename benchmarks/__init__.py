@@ -245,6 +245,8 @@ ADDED_KEYS: dict[str, Any] = {
     "krum-malicious": 1,
     "kd-pool-batches": 0,
     "kd-generators-per-step": 10,  # every recorded cell has at most 10 clients: all of them
+    "width-tiers": "",
+    "width-scheme": "static",
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

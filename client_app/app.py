@@ -2,7 +2,12 @@
 
 What leaves the client (and nothing else): model weights, its sample count, one label count per
 class, k-means prototypes (cluster centres of at least ``min-proto-samples`` samples) when the
-server asks for them, and its generator's weights once per run.
+server asks for them, its generator's weights once per run, and the width it trained at.
+
+With ``width-tiers`` a client trains a width sub-model of the global model (``common.tiers``
+says which; ``common.submodels`` how it is cut). The server sends a node its slice once it
+knows the node's width; until then it sends the full model and the client cuts its own slice
+with the same rule.
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ from common.data import (
     partition_indices,
 )
 from common.generator import train_generator
-from common.models import GeneratorSpec, build_classifier
+from common.models import Classifier, GeneratorSpec, build_classifier
 from common.paths import data_root
+from common.submodels import WidthSlicer
+from common.tiers import node_width
 from common.train import compute_prototypes, evaluate, resolve_device, train_local
-from common.wire import ARRAYS, RoundInstructions, pack_train_reply, record_to_state
+from common.wire import (
+    ARRAYS,
+    RoundInstructions,
+    pack_train_reply,
+    record_to_state,
+    state_signature,
+)
 
 app = ClientApp()
 
@@ -41,6 +54,45 @@ def _identity(context: Context) -> tuple[int, int]:
             f"node config lacks {missing}: start the SuperNode with "
             "--node-config 'partition-id=<i> num-partitions=<n>'"
         ) from None
+
+
+def _width(cfg: RunConfig, context: Context) -> float:
+    """The capacity rate this node trains at (``width-tiers``, or its node config's ``width``)."""
+    partition_id, num_partitions = _identity(context)
+    return node_width(cfg.tiers, context.node_config, partition_id, num_partitions, cfg.seed)
+
+
+def _model_from(
+    cfg: RunConfig, msg: Message, rate: float, window_start: int | None = None
+) -> Classifier:
+    """This node's model at ``rate``, holding the weights the server sent: its slice as sent,
+    or cut here from the full model (windows from ``window_start``, by default the round's)."""
+    info = dataset_info(cfg.dataset)
+    model = build_classifier(
+        cfg.model,
+        num_classes=info.num_classes,
+        in_shape=info.image_shape,
+        width=cfg.model_width * rate,
+    )
+    state = record_to_state(msg.content[ARRAYS])
+    if rate != 1.0 and state_signature(state) != state_signature(model.state_dict()):
+        slicer = WidthSlicer(
+            cfg.model,
+            num_classes=info.num_classes,
+            in_shape=info.image_shape,
+            model_width=cfg.model_width,
+            rolling=cfg.width_scheme == "rolling",
+        )
+        if state_signature(state) != state_signature(slicer.full.state_dict()):
+            raise ValueError(
+                f"the server sent weights that fit neither this node's width {rate:g} nor the "
+                "full model: are server and node on the same width-tiers and model?"
+            )
+        if window_start is None:
+            window_start = slicer.window_start(int(msg.content["config"]["server-round"]))
+        state = slicer.slice(state, rate, window_start)
+    model.load_state_dict(state)
+    return model
 
 
 def _local_data(cfg: RunConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -69,11 +121,8 @@ def train(msg: Message, context: Context) -> Message:
     info = dataset_info(cfg.dataset)
     images, labels, partition_id = _local_data(cfg, context)
     seed = cfg.seed + 1000 * partition_id + server_round
-
-    model = build_classifier(
-        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
-    )
-    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
+    rate = _width(cfg, context)
+    model = _model_from(cfg, msg, rate)
 
     # Prototypes describe the data under the *global* model (whose feature space the experts'
     # heads share), so they are taken before local training moves the model away from it.
@@ -100,7 +149,9 @@ def train(msg: Message, context: Context) -> Message:
             model,
             images,
             cfg.generator_training,
-            spec=GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels),
+            spec=GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels).at_rate(
+                rate
+            ),
             to_input=lambda x: generator_to_classifier_input(x, info),
             label_counts=counts,
             device=device,
@@ -117,22 +168,20 @@ def train(msg: Message, context: Context) -> Message:
         label_counts=counts,
         prototypes=prototypes,
         generator_state=generator_state,
+        width=rate,
     )
     return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Score the global weights on this node's IID share of the test split."""
+    """Score the global weights on this node's IID share of the test split (with width tiers,
+    the node's own sub-model of them: the first units of each layer)."""
     cfg = parse_run_config(context.run_config)
-    info = dataset_info(cfg.dataset)
     partition_id, num_partitions = _identity(context)
     images, labels = load_dataset(cfg.dataset, data_root(cfg, context.node_config), train=False)
     shard = partition_indices(labels.numpy(), num_partitions, "iid", seed=cfg.seed)[partition_id]
-    model = build_classifier(
-        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
-    )
-    model.load_state_dict(record_to_state(msg.content[ARRAYS]))
+    model = _model_from(cfg, msg, _width(cfg, context), window_start=0)
     result = evaluate(model, images[shard], labels[shard], resolve_device(cfg.device))
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss}

@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.data import dataset_names
-from common.models import classifier_names
+from common.models import classifier_names, supports_width_tiers
+from common.tiers import Tiers, parse_width_tiers
 
 Strategy = Literal[
     "mosaic", "fedavg", "fedprox", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"
@@ -119,6 +120,10 @@ MetaFeatures = Literal["experts", "global"]
 # median (FedMedian) or trimmed mean (FedTrimmedAvg), which no single client can move far, or
 # the mean of the replies Multi-Krum keeps (the n - krum-malicious closest to the others).
 Aggregation = Literal["mean", "median", "trimmed-mean", "multi-krum"]
+# Which units of the global model a width-r client trains: the first ones (HeteroFL) or a
+# window that moves one unit a round (FedRolex), so that every unit is trained evenly.
+WidthScheme = Literal["static", "rolling"]
+_TIER = r"(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?):[1-9][0-9]{0,5}"  # rate in (0, 1] : clients >= 1
 
 
 # --- per-phase views: what each training loop reads, built from the run config ---------------
@@ -239,6 +244,9 @@ class RunConfig(BaseModel):
     # --- model and FedAvg -------------------------------------------------------------------
     model: str
     model_width: float = Field(gt=0, le=4)
+    # "" or "rate:clients,...", e.g. "1:4,0.5:3,0.25:3" (common.tiers)
+    width_tiers: str = Field(pattern=rf"^({_TIER}(,{_TIER})*)?$", max_length=1_000)
+    width_scheme: WidthScheme
     num_rounds: int = Field(ge=1, le=100_000)
     min_nodes: int = Field(ge=1, le=100_000)  # wait until this many nodes are connected
     fraction_train: float = Field(gt=0, le=1)
@@ -308,6 +316,22 @@ class RunConfig(BaseModel):
             raise ValueError(f"dataset: {self.dataset!r} is not one of {dataset_names()}")
         if self.model not in classifier_names():
             raise ValueError(f"model: {self.model!r} is not one of {classifier_names()}")
+        if self.width_tiers:
+            try:
+                parse_width_tiers(self.width_tiers)
+            except ValueError as error:
+                raise ValueError(f"width-tiers: {error}") from None
+            if not supports_width_tiers(self.model):
+                raise ValueError(
+                    f"width-tiers: model {self.model!r} has no width plan (sub-models are cut "
+                    "from: cnn)"
+                )
+            if self.aggregation != "mean":
+                raise ValueError(
+                    f"aggregation: {self.aggregation!r} cannot combine sub-models of different "
+                    "widths; width-tiers average each coordinate over the clients that hold it "
+                    "('mean')"
+                )
         if self.resume and not self.run_name:
             raise ValueError("resume: needs the run-name of the run to continue")
         if self.min_replies > self.min_nodes:
@@ -316,6 +340,11 @@ class RunConfig(BaseModel):
                 "run could start with too few nodes to ever complete a round"
             )
         return self
+
+    @property
+    def tiers(self) -> Tiers:
+        """The width tiers as (rate, clients) pairs; () when every client trains the full model."""
+        return parse_width_tiers(self.width_tiers)
 
     @property
     def generator_round_resolved(self) -> int:

@@ -17,6 +17,25 @@ from torch import nn
 ImageShape = tuple[int, int, int]  # (channels, height, width)
 
 
+@dataclass(frozen=True)
+class Units:
+    """One dimension of a weight that runs over a layer's units (channels or neurons).
+
+    ``group`` names the layer whose units they are (every tensor that reads or writes those
+    units names the same group, so a sub-model keeps the same units everywhere); ``block`` is
+    how many entries one unit spans along this dimension (a conv channel flattened into a dense
+    layer spans ``height x width`` input columns).
+    """
+
+    group: str
+    block: int = 1
+
+
+# Per state-dict key, one entry per dimension: the Units it runs over, or None for a dimension a
+# sub-model keeps whole (input image channels, kernel taps, the classes of the head).
+WidthPlan = dict[str, tuple[Units | None, ...]]
+
+
 class Classifier(nn.Module):
     """A feature extractor followed by a linear head."""
 
@@ -25,6 +44,11 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def width_plan(self) -> WidthPlan | None:
+        """How width sub-models are cut from this model (``common.submodels``); None when this
+        architecture has no plan, and width tiers cannot use it."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -63,9 +87,26 @@ class SmallCNN(Classifier):
         )
         self.feature_dim = hidden
         self.head = nn.Linear(hidden, num_classes)
+        self._pixels_after_pooling = (height // 4) * (width_px // 4)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(_channels_last(x))
+
+    def width_plan(self) -> WidthPlan:
+        """conv1 -> BN1 -> conv2 -> BN2 -> flatten -> dense -> head. The flatten makes each
+        conv2 channel a block of ``(H/4) * (W/4)`` input columns of the dense layer."""
+        c1, c2, hidden = Units("conv1"), Units("conv2"), Units("dense")
+        plan: WidthPlan = {"body.0.weight": (c1, None, None, None)}
+        for bn, units in (("body.1", c1), ("body.5", c2)):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                plan[f"{bn}.{name}"] = (units,)
+            plan[f"{bn}.num_batches_tracked"] = ()
+        plan["body.4.weight"] = (c2, c1, None, None)
+        plan["body.9.weight"] = (hidden, Units("conv2", self._pixels_after_pooling))
+        plan["body.9.bias"] = (hidden,)
+        plan["head.weight"] = (None, hidden)
+        plan["head.bias"] = (None,)
+        return plan
 
 
 class BasicBlock(nn.Module):
@@ -124,6 +165,11 @@ def classifier_names() -> list[str]:
     return sorted(_CLASSIFIERS)
 
 
+def supports_width_tiers(name: str) -> bool:
+    """Whether classifier ``name`` has a width plan, so clients can train its sub-models."""
+    return _CLASSIFIERS[name].width_plan is not Classifier.width_plan
+
+
 def build_classifier(
     name: str, *, num_classes: int, in_shape: ImageShape, width: float = 1.0
 ) -> Classifier:
@@ -145,6 +191,13 @@ class GeneratorSpec:
     latent_dim: int
     image_shape: ImageShape
     base_channels: int = 32
+
+    def at_rate(self, rate: float) -> GeneratorSpec:
+        """The generator of a client training a width-``rate`` sub-model: its channels scaled
+        like the classifier's, so a small client's upload stays in proportion to its model."""
+        return GeneratorSpec(
+            self.latent_dim, self.image_shape, max(1, round(self.base_channels * rate))
+        )
 
 
 class Generator(nn.Module):

@@ -34,6 +34,16 @@ ARRAYS, METRICS, CLIENT, LABEL_COUNTS, PROTOTYPES, GENERATOR = (
 REQUIRED_KEYS = frozenset({ARRAYS, METRICS, CLIENT, LABEL_COUNTS})
 OPTIONAL_KEYS = frozenset({PROTOTYPES, GENERATOR})
 MAX_SAMPLES_PER_CLIENT = 10_000_000  # far above any partition; catches absurd counts
+Signature = Mapping[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype)
+
+
+@dataclass(frozen=True)
+class TierShapes:
+    """What the uploads of a client training a width sub-model must look like."""
+
+    model: Signature
+    feature_dim: int  # its prototypes' width
+    generator: Signature | None  # its generator's, for strategies that ask for one
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ class TrainReply:
 
     state: dict[str, torch.Tensor]
     partition_id: int
+    width: float  # the capacity rate the client declares it trained at (1.0: the full model)
     num_examples: int
     train_loss: float
     label_counts: list[int]
@@ -120,15 +131,17 @@ def pack_train_reply(
     label_counts: list[int],
     prototypes: Prototypes | None = None,
     generator_state: Mapping[str, torch.Tensor] | None = None,
+    width: float = 1.0,
 ) -> RecordDict:
-    """Everything a client may send after training: weights, counts, prototypes, generator."""
+    """Everything a client may send after training: weights, counts, prototypes, generator,
+    and the width it trained at (``common.submodels``)."""
     content = RecordDict(
         {
             ARRAYS: state_to_record(state),
             METRICS: MetricRecord(
                 {"num-examples": int(num_examples), "train-loss": float(train_loss)}
             ),
-            CLIENT: ConfigRecord({"partition-id": int(partition_id)}),
+            CLIENT: ConfigRecord({"partition-id": int(partition_id), "width": float(width)}),
             LABEL_COUNTS: MetricRecord({"counts": [int(c) for c in label_counts]}),
         }
     )
@@ -229,21 +242,31 @@ def validate_train_reply(
     protos_per_class: int,
     prototypes_expected: bool,
     generator_signature: Mapping[str, tuple[tuple[int, ...], str]] | None,
+    sub_models: Mapping[float, TierShapes] | None = None,
 ) -> TrainReply:
     """Check every rule a train reply must satisfy and decode it; raise on the first broken one.
 
     ``prototypes_expected`` is False in rounds where the server did not ask for prototypes, and
     ``generator_signature`` is None when no generator is expected this round: either block
-    arriving anyway is rejected.
+    arriving anyway is rejected. The signatures are those of the full model; ``sub_models``
+    gives the shapes of each other width a client may declare (``width`` in its ``client``
+    record; none declared is the full model). Weights that do not fit the declared width break
+    ``width-declaration``.
     """
     _check_records(content)
-    state = _check_state("weights", content[ARRAYS], model_signature)
+    partition_id, width = _check_client(content[CLIENT], sub_models or {})
+    if width != 1.0:
+        shapes = (sub_models or {})[width]
+        model_signature, feature_dim = shapes.model, shapes.feature_dim
+        if generator_signature is not None:
+            generator_signature = shapes.generator
+    try:
+        state = _check_state("weights", content[ARRAYS], model_signature)
+    except MalformedReplyError as error:
+        if sub_models and error.rule in {"weights-keys", "weights-shape"}:
+            raise MalformedReplyError("width-declaration", f"declared {width:g}; {error}") from None
+        raise
     num_examples, train_loss = _check_metrics(content[METRICS])
-    if set(content[CLIENT].keys()) != {"partition-id"}:
-        raise MalformedReplyError("client-keys", f"got {sorted(content[CLIENT].keys())[:5]}")
-    partition_id = content[CLIENT]["partition-id"]
-    if not _is_int(partition_id) or partition_id < 0:
-        raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
     counts = _check_label_counts(content[LABEL_COUNTS], num_classes, num_examples)
 
     prototypes = None
@@ -262,6 +285,7 @@ def validate_train_reply(
     return TrainReply(
         state=state,
         partition_id=partition_id,
+        width=width,
         num_examples=num_examples,
         train_loss=train_loss,
         label_counts=counts,
@@ -292,6 +316,24 @@ def _check_records(content: RecordDict) -> None:
     for key in keys:
         if not isinstance(content[key], RECORD_TYPES[key]):
             raise MalformedReplyError("record-types", f"{key} is a {type(content[key]).__name__}")
+
+
+def _check_client(
+    record: ConfigRecord, sub_models: Mapping[float, TierShapes]
+) -> tuple[int, float]:
+    """``partition-id`` (a non-negative int) and ``width`` (1.0 or a rate of ``sub_models``;
+    absent means 1.0), nothing else."""
+    if set(record.keys()) not in ({"partition-id"}, {"partition-id", "width"}):
+        raise MalformedReplyError("client-keys", f"got {sorted(record.keys())[:5]}")
+    partition_id = record["partition-id"]
+    if not _is_int(partition_id) or partition_id < 0:
+        raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
+    width = record.get("width", 1.0)
+    if not isinstance(width, float) or (width != 1.0 and width not in sub_models):
+        raise MalformedReplyError(
+            "width", f"{width!r} is not a width of this run ({[1.0, *sorted(sub_models)]})"
+        )
+    return partition_id, width
 
 
 def _check_metrics(metrics: MetricRecord) -> tuple[int, float]:

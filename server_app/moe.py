@@ -20,10 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from common.models import Classifier
+from common.submodels import average_covered
 
 
 def build_experts(
-    client_states: Sequence[Mapping[str, Tensor]], label_counts: np.ndarray | Tensor
+    client_states: Sequence[Mapping[str, Tensor]],
+    label_counts: np.ndarray | Tensor,
+    *,
+    masks: Sequence[Mapping[str, Tensor]] | None = None,
+    fallback: Mapping[str, Tensor] | None = None,
 ) -> dict[int, dict[str, Tensor]]:
     """Average the client models once per class, weighted by each client's count of that class.
 
@@ -38,6 +43,10 @@ def build_experts(
         One state dict per client, all of the same architecture.
     label_counts
         ``[num_clients, num_classes]`` non-negative sample counts per client and class.
+    masks, fallback
+        With width sub-models (``common.submodels``): per client, the coordinates it trained.
+        Each coordinate of expert ``c`` is then averaged over the holders of ``c`` that trained
+        it, and is ``fallback``'s (the global model's) where none did, never zero.
 
     Returns
     -------
@@ -71,6 +80,13 @@ def build_experts(
 
     totals = counts.sum(dim=0)
     classes = [c for c in range(counts.shape[1]) if totals[c] > 0]
+    if masks is not None:
+        if fallback is None or len(masks) != len(client_states):
+            raise ValueError("masks need one entry per client and a fallback state")
+        return {
+            c: average_covered(client_states, masks, counts[:, c].tolist(), fallback)
+            for c in classes
+        }
     weights = counts[:, classes] / totals[classes]  # [clients, experts], columns sum to 1
     experts: dict[int, dict[str, Tensor]] = {c: {} for c in classes}
     for name, ref in reference.items():

@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 
 from common.config import RunConfig
 from common.data import DatasetInfo, classifier_input_to_pixels, generator_to_classifier_input
-from common.models import GeneratorSpec, build_generator
+from common.models import Generator
 
 CONFIG, METRICS, PARTICIPATION, LABEL_COUNTS, FINAL_MODEL = (
     "config.json",
@@ -141,8 +141,7 @@ class RunReport:
 
     def save_generator_samples(
         self,
-        generators: dict[int, dict[str, torch.Tensor]],
-        spec: GeneratorSpec,
+        generators: Mapping[int, Generator],
         info: DatasetInfo,
         per_client: int = 64,
     ) -> list[Path]:
@@ -150,9 +149,7 @@ class RunReport:
         folder = self.folder / "generator_samples"
         folder.mkdir(exist_ok=True)
         paths = []
-        for partition_id, state in sorted(generators.items()):
-            generator = build_generator(spec)
-            generator.load_state_dict(state)
+        for partition_id, generator in sorted(generators.items()):
             generator.eval()
             with torch.no_grad():
                 images = generator_to_classifier_input(generator.sample(per_client, "cpu"), info)
@@ -216,6 +213,12 @@ class RunResults:
             return [f"no metrics in {self.folder}"]
         last = self.last_round
         lines = [f"final test accuracy: {self.rounds[last]['accuracy']:.4f} (round {last})"]
+        lines += [
+            f"final test accuracy, {key.removesuffix('-accuracy').replace('-', ' ')} sub-model: "
+            f"{value:.4f}"
+            for key, value in sorted(self.rounds[last].items())
+            if key.startswith("width-") and key.endswith("-accuracy")
+        ]
         for server_round, values in self.teacher_rounds().items():
             lines += [
                 f"{key}: {values[key]:.4f} (round {server_round})"

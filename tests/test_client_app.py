@@ -206,7 +206,7 @@ def test_reply_carries_only_the_allowed_records_and_fields(full_reply) -> None:
     assert set(content.keys()) <= REQUIRED_KEYS | OPTIONAL_KEYS
     assert set(content.keys()) == REQUIRED_KEYS | OPTIONAL_KEYS  # everything was asked for
     assert set(content[METRICS].keys()) == {"num-examples", "train-loss"}
-    assert set(content[CLIENT].keys()) == {"partition-id"}
+    assert set(content[CLIENT].keys()) == {"partition-id", "width"}
     assert set(content[LABEL_COUNTS].keys()) == {"counts"}
     assert set(content[PROTOTYPES].keys()) == {"features", "classes"}
     assert all(isinstance(content[key], ArrayRecord) for key in (ARRAYS, PROTOTYPES, GENERATOR))

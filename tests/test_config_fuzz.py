@@ -138,6 +138,9 @@ def valid_configs(draw) -> dict[str, Any]:
         values["meta-prior"] = draw(st.sampled_from(["label-share", "experts"]))
     if values["strategy"] == "mosaic" and values["kd-round"] < 2:
         values["meta-features"] = "experts"
+    if values["width-tiers"]:
+        values["width-tiers"] = draw(st.sampled_from(["1:4,0.5:3,0.25:3", "0.25:2", "1:1,.5:1"]))
+        values["model"], values["aggregation"] = "cnn", "mean"
     if values["resume"] and not values["run-name"]:
         values["run-name"] = draw(st.from_regex(_pattern("run-name"), fullmatch=True).filter(bool))
     return values

@@ -40,7 +40,7 @@ TRAIN_RECORDS = {
 }
 RECORD_KEYS = {
     METRICS: {"num-examples", "train-loss"},
-    CLIENT: {"partition-id"},
+    CLIENT: {"partition-id", "width"},
     LABEL_COUNTS: {"counts"},
     PROTOTYPES: {"features", "classes"},
 }

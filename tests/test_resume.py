@@ -230,6 +230,7 @@ def test_checkpoint_holds_the_whole_server_state_as_plain_data(uninterrupted) ->
         "prototype-bank",
         "generators",
         "meta-model",
+        "widths",
     }
     assert sorted(checkpoint["metrics"]) == [0, 1, 2, 3]
     assert checkpoint["strategy"]["prototype-bank"]  # rounds 1 and 2 of the bank

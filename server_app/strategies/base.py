@@ -14,6 +14,12 @@ stays as it was, nothing of the round's replies is kept (no label counts, protot
 generators; for a teacher strategy, a skipped ``kd-round`` means no teacher in this run), the
 round is recorded as skipped with the reason, and the next round starts as planned.
 
+Width tiers (``width-tiers``): clients train width sub-models of the global model
+(``common.submodels``). Each reply declares its width and is checked against that width's
+shapes; a node whose width is known is sent only its slice; the round's average is taken per
+coordinate over the clients that hold it (HeteroFL; FedRolex with ``width-scheme = rolling``),
+BatchNorm statistics included, and coordinates no client held keep their value.
+
 Resume: ``state_dict``/``load_state_dict`` carry what a strategy learned across a restart.
 Flower's ``start`` counts rounds from 1; :meth:`CheckedFedAvg.run_round` turns that counter into
 the run's round number (adding ``rounds_done``, the rounds before this ``start``), and every
@@ -39,11 +45,14 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, MultiKrum
 from common.config import ConfigError, RunConfig
 from common.data import DatasetInfo
 from common.models import Classifier, GeneratorSpec, build_generator
+from common.submodels import WidthSlicer, average_covered
+from common.tiers import tier_rates
 from common.wire import (
     ARRAYS,
     METRICS,
     MalformedReplyError,
     RoundInstructions,
+    TierShapes,
     TrainReply,
     Uploads,
     record_to_state,
@@ -132,12 +141,29 @@ class CheckedFedAvg(FedAvg):
         self.generator_spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels)
         self._generator_signature = None
         if self.uploads.generator:
-            # Built once, off the global RNG, so the server's randomness does not depend on
-            # which strategy runs.
-            with torch.random.fork_rng():
-                self._generator_signature = state_signature(
-                    build_generator(self.generator_spec).state_dict()
-                )
+            self._generator_signature = _generator_signature(self.generator_spec)
+        self.slicer: WidthSlicer | None = None  # set when clients train width sub-models
+        self.sub_models: dict[float, TierShapes] = {}  # what a reply at each width < 1 holds
+        if cfg.tiers:
+            self.slicer = WidthSlicer(
+                cfg.model,
+                num_classes=info.num_classes,
+                in_shape=info.image_shape,
+                model_width=cfg.model_width,
+                rolling=cfg.width_scheme == "rolling",
+            )
+            for rate in tier_rates(cfg.tiers):
+                if rate != 1.0:
+                    sub = self.slicer.template(rate)
+                    self.sub_models[rate] = TierShapes(
+                        model=state_signature(sub.state_dict()),
+                        feature_dim=sub.feature_dim,
+                        generator=_generator_signature(self.generator_spec.at_rate(rate))
+                        if self.uploads.generator
+                        else None,
+                    )
+        self.node_widths: dict[int, float] = {}  # node id -> the width its replies declare
+        self.partition_widths: dict[int, float] = {}  # partition id -> its declared width
         self.rounds: dict[int, RoundLog] = {}
         self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
         self.rounds_done = 0  # rounds completed before this start() (set when resuming)
@@ -197,14 +223,34 @@ class CheckedFedAvg(FedAvg):
         """Sample nodes as FedAvg does, with this round's instructions."""
         server_round = self.run_round(server_round)
         self._round_started = time.perf_counter()
-        self._sent_state = record_to_state(arrays) if self.cfg.max_update_ratio > 0 else None
+        needs_sent = self.cfg.max_update_ratio > 0 or self.slicer is not None
+        self._sent_state = record_to_state(arrays) if needs_sent else None
         self._connected = set(grid.get_node_ids())  # a partition's owner keeps it while connected
         round_config = ConfigRecord({**config, **self.instructions(server_round).to_config()})
         messages = list(super().configure_train(server_round, arrays, round_config, grid))
+        self.send_slices(server_round, messages)
         self._instructions = messages  # the grid gives them their message ids when it sends
         self.rounds[server_round] = RoundLog(sampled=[m.metadata.dst_node_id for m in messages])
         log_downlink(self.rounds[server_round].traffic, messages)
         return messages
+
+    def send_slices(self, server_round: int, messages: list[Message]) -> None:
+        """Give each node whose width is known (from its replies) only its slice of the model;
+        a node not heard from yet gets the full model and cuts its slice itself."""
+        if self.slicer is None or self._sent_state is None:
+            return
+        start = self.slicer.window_start(server_round)
+        slices: dict[float, ArrayRecord] = {}
+        for message in messages:
+            rate = self.node_widths.get(message.metadata.dst_node_id, 1.0)
+            if rate == 1.0:
+                continue
+            if rate not in slices:
+                slices[rate] = state_to_record(self.slicer.slice(self._sent_state, rate, start))
+            config = message.content[self.configrecord_key]
+            message.content = RecordDict(
+                {self.arrayrecord_key: slices[rate], self.configrecord_key: config}
+            )
 
     # --- replies ----------------------------------------------------------------------------
     def validate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Accepted]:
@@ -233,6 +279,7 @@ class CheckedFedAvg(FedAvg):
                     protos_per_class=self.cfg.protos_per_class,
                     prototypes_expected=self.prototypes_expected(server_round),
                     generator_signature=self.generator_signature(server_round),
+                    sub_models=self.sub_models,
                 )
             except MalformedReplyError as error:
                 round_log.rejected[node] = error.rule
@@ -266,9 +313,15 @@ class CheckedFedAvg(FedAvg):
             known = self.label_counts.get(entry.reply.partition_id)
             if entry.node not in rules and known is not None and known != entry.reply.label_counts:
                 rules[entry.node] = "label-counts-changed"
+            width = self.partition_widths.get(entry.reply.partition_id, entry.reply.width)
+            if entry.node not in rules and width != entry.reply.width:
+                rules[entry.node] = "width-changed"
         candidates = [entry for entry in accepted if entry.node not in rules]
         if self.cfg.max_update_ratio > 0 and self._sent_state is not None:
-            norms = [update_norm(entry.reply.state, self._sent_state) for entry in candidates]
+            norms = [
+                update_norm(entry.reply.state, self.sent_slice(server_round, entry.reply.width))
+                for entry in candidates
+            ]
             for entry, outlier in zip(
                 candidates, above_median(norms, self.cfg.max_update_ratio), strict=True
             ):
@@ -277,7 +330,32 @@ class CheckedFedAvg(FedAvg):
         for node, rule in rules.items():
             round_log.rejected[node] = rule
             log(WARNING, "round %d: refused reply of node %d (%s)", server_round, node, rule)
-        return [entry for entry in accepted if entry.node not in rules]
+        kept = [entry for entry in accepted if entry.node not in rules]
+        for entry in kept:
+            self.node_widths[entry.node] = entry.reply.width
+        return kept
+
+    def sent_slice(self, server_round: int, width: float) -> dict[str, torch.Tensor]:
+        """The part of this round's global model a client at ``width`` was sent."""
+        if self._sent_state is None:
+            raise RuntimeError("the round's global model was not kept")
+        if self.slicer is None or width == 1.0:
+            return self._sent_state
+        return self.slicer.slice(self._sent_state, width, self.slicer.window_start(server_round))
+
+    def full_size_states(
+        self, server_round: int, accepted: list[Accepted], base: Mapping[str, torch.Tensor]
+    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]] | None]:
+        """The accepted models written into ``base`` at their windows, with the coordinates
+        each covers (None without width tiers: every model is already full-size)."""
+        if self.slicer is None:
+            return [entry.reply.state for entry in accepted], None
+        start = self.slicer.window_start(server_round)
+        embedded = [
+            self.slicer.embed(entry.reply.state, entry.reply.width, start, base)
+            for entry in accepted
+        ]
+        return [state for state, _ in embedded], [mask for _, mask in embedded]
 
     def _answering_node(self, reply: Message) -> int:
         """The node a reply answers for. The SuperLink answers for a node it lost with an error
@@ -294,6 +372,7 @@ class CheckedFedAvg(FedAvg):
         """Keep what the server needs from the accepted replies of a round that is not skipped."""
         for entry in accepted:
             self.label_counts.setdefault(entry.reply.partition_id, entry.reply.label_counts)
+            self.partition_widths.setdefault(entry.reply.partition_id, entry.reply.width)
 
     # --- aggregation ------------------------------------------------------------------------
     def aggregate_train(
@@ -322,8 +401,14 @@ class CheckedFedAvg(FedAvg):
         ]
         self.num_malicious_nodes = self.cfg.krum_malicious  # what MultiKrum reads
         self.num_nodes_to_select = max(1, len(fedavg_view) - self.cfg.krum_malicious)
-        aggregate = AGGREGATIONS[self.cfg.aggregation]
-        arrays, metrics = aggregate(self, server_round, fedavg_view)
+        if self.slicer is None:
+            aggregate = AGGREGATIONS[self.cfg.aggregation]
+            arrays, metrics = aggregate(self, server_round, fedavg_view)
+        else:
+            arrays = self.average_sub_models(server_round, accepted, sizes)
+            metrics = self.train_metrics_aggr_fn(
+                [view.content for view in fedavg_view], self.weighted_by_key
+            )
         if arrays is not None:
             # Loading into the template casts back to its dtypes (FedAvg turns int counters to
             # float); the same model is checked before the average is adopted.
@@ -337,6 +422,20 @@ class CheckedFedAvg(FedAvg):
             arrays = self.after_aggregation(server_round, arrays, accepted)
         round_log.seconds = time.perf_counter() - self._round_started
         return arrays, metrics
+
+    def average_sub_models(
+        self, server_round: int, accepted: list[Accepted], sizes: list[int | None]
+    ) -> ArrayRecord:
+        """FedAvg per coordinate across widths (HeteroFL / FedRolex): each coordinate is the
+        sample-weighted mean over the clients that held it, and keeps the sent value where none
+        did. BatchNorm running statistics are averaged the same way, as the weights they belong
+        to (the experts and the generators' inversion term read them)."""
+        base = self._sent_state if self._sent_state is not None else self.template.state_dict()
+        states, masks = self.full_size_states(server_round, accepted, base)
+        weights = [
+            size or entry.reply.num_examples for size, entry in zip(sizes, accepted, strict=True)
+        ]
+        return state_to_record(average_covered(states, masks or [], weights, base))
 
     def client_weights(self, accepted: list[Accepted]) -> list[int | None]:
         """Each reply's aggregation weight: its ``num-examples``, at most ``max-weight-ratio``
@@ -399,18 +498,28 @@ class CheckedFedAvg(FedAvg):
         return {
             "rounds": {r: asdict(round_log) for r, round_log in self.rounds.items()},
             "label-counts": dict(self.label_counts),
+            "widths": {"nodes": dict(self.node_widths), "partitions": dict(self.partition_widths)},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Take back what :meth:`state_dict` returned."""
         self.rounds = {r: RoundLog(**round_log) for r, round_log in state["rounds"].items()}
         self.label_counts = dict(state["label-counts"])
+        widths = state.get("widths", {"nodes": {}, "partitions": {}})  # absent: before tiers
+        self.node_widths, self.partition_widths = dict(widths["nodes"]), dict(widths["partitions"])
 
     def _model_of(self, arrays: ArrayRecord) -> Classifier:
         """The template architecture holding ``arrays``, in the template's dtypes."""
         model = copy.deepcopy(self.template)
         model.load_state_dict(record_to_state(arrays))
         return model
+
+
+def _generator_signature(spec: GeneratorSpec) -> dict:
+    """A generator's shapes, built off the global RNG so that the server's randomness does not
+    depend on which strategy runs."""
+    with torch.random.fork_rng():
+        return state_signature(build_generator(spec).state_dict())
 
 
 def _strip_to_fedavg(msg: Message, weight: int | None = None) -> Message:

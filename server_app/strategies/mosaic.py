@@ -74,7 +74,21 @@ class MosaicStrategy(TeacherStrategy):
         for entry in accepted:
             prototypes = entry.reply.prototypes
             if prototypes is not None:
-                self.bank.add(server_round, prototypes.features, prototypes.classes)
+                features = self.full_size_features(server_round, prototypes.features, entry)
+                self.bank.add(server_round, features, prototypes.classes)
+
+    def full_size_features(
+        self, server_round: int, features: torch.Tensor, entry: Accepted
+    ) -> torch.Tensor:
+        """A sub-model's prototypes in the full model's feature space: its features at its
+        window, zeros elsewhere (what the padded client model's head reads from them)."""
+        if self.slicer is None or entry.reply.width == 1.0:
+            return features
+        start = self.slicer.window_start(server_round)
+        kept = self.slicer.index(entry.reply.width, start)["head.weight"][1]
+        full = features.new_zeros(features.shape[0], self.template.feature_dim)
+        full[:, kept] = features
+        return full
 
     def build_teacher(self, clients: ClientModels) -> tuple[torch.nn.Module, Figures]:
         """The MoE + meta teacher: per-class experts, a prior, a meta model trained on the bank.
@@ -84,7 +98,10 @@ class MosaicStrategy(TeacherStrategy):
         the experts should correct it (:meth:`fit_meta_model`).
         """
         cfg = self.cfg
-        ensemble = ExpertEnsemble(self.template, build_experts(clients.states, clients.counts))
+        experts = build_experts(
+            clients.states, clients.counts, masks=clients.masks, fallback=clients.fallback
+        )
+        ensemble = ExpertEnsemble(self.template, experts)
         ensemble = ensemble.to(self.device)
         prior = None
         if cfg.meta_prior == "label-share":

@@ -40,10 +40,18 @@ Figures = dict[str, float]
 
 @dataclass(frozen=True)
 class ClientModels:
-    """The accepted client models of a round, in partition order, with their label counts."""
+    """The accepted client models of a round, in partition order, with their label counts.
+
+    With width tiers every state is full-size: a sub-model written at its window with zeros
+    elsewhere, which computes what the sub-model computes (``WidthSlicer.padded``); ``masks``
+    say which coordinates each client trained, and ``fallback`` (the round's global model) is
+    what an expert keeps where no holder of its class trained.
+    """
 
     states: list[dict[str, torch.Tensor]]
     counts: np.ndarray  # [clients, classes]
+    masks: list[dict[str, torch.Tensor]] | None = None
+    fallback: dict[str, torch.Tensor] | None = None
 
 
 class TeacherStrategy(CheckedFedAvg):
@@ -126,9 +134,12 @@ class TeacherStrategy(CheckedFedAvg):
         if any(weight is not None for weight in weights):  # max-weight-ratio binds this round
             sizes = [w or e.reply.num_examples for w, e in zip(weights, accepted, strict=True)]
             counts = scale_counts(counts, sizes)
-        clients = ClientModels(states=[entry.reply.state for entry in accepted], counts=counts)
+        global_state = record_to_state(arrays)
+        zeros = {key: torch.zeros_like(tensor) for key, tensor in global_state.items()}
+        states, masks = self.full_size_states(server_round, accepted, zeros)
+        clients = ClientModels(states, counts, masks, global_state if masks else None)
         student = copy.deepcopy(self.template)
-        student.load_state_dict(record_to_state(arrays))
+        student.load_state_dict(global_state)
         figures = self.teach(student, clients)
         self.rounds[server_round].mosaic = figures
         if not computes_finite(student, self._probe):
@@ -182,14 +193,17 @@ class TeacherStrategy(CheckedFedAvg):
         """The client models themselves, side by side (for the label-share and plain mixtures)."""
         return ExpertEnsemble(self.template, dict(enumerate(states))).to(self.device)
 
+    def generator_of(self, partition_id: int) -> Generator:
+        """A client's uploaded generator, rebuilt at its width's size (on the CPU)."""
+        width = self.partition_widths.get(partition_id, 1.0)
+        generator = build_generator(self.generator_spec.at_rate(width))
+        generator.load_state_dict(self.generators[partition_id])
+        return generator
+
     def _generators(self) -> tuple[list[Generator], list[float] | None]:
         """The clients' generators in partition order, and their weights (``kd-generator-
         weighting``: None for uniform, else each holder's sample count or class coverage)."""
-        generators = []
-        for partition_id in sorted(self.generators):
-            generator = build_generator(self.generator_spec)
-            generator.load_state_dict(self.generators[partition_id])
-            generators.append(generator.to(self.device))
+        generators = [self.generator_of(pid).to(self.device) for pid in sorted(self.generators)]
         weighting = self.cfg.kd_generator_weighting
         if weighting == "uniform" or not generators:
             return generators, None

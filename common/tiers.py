@@ -1,0 +1,92 @@
+"""Who trains which width: the ``width-tiers`` rule and a node's own ``width``.
+
+``width-tiers = "1:4,0.5:3,0.25:3"`` reads "4 shares of clients at full width, 3 at half, 3 at a
+quarter". With as many partitions as shares that is exactly 4/3/3; with N partitions the shares
+are scaled to N (each tier keeps at least one client). Which partition gets which tier is a
+seeded shuffle of the partition ids, so every run with the same seed and N agrees, and the
+server never has to be told: each reply declares the width it trained. A SuperNode started with
+``--node-config 'width=0.5 ...'`` trains at that rate instead (it must be a rate of the rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+Tiers = tuple[tuple[float, int], ...]  # (rate, share), in the order written
+_SALT = 0x71E25  # the tier shuffle draws from its own stream, not the partitioning's
+
+
+def parse_width_tiers(text: str) -> Tiers:
+    """``"1:4,0.5:3"`` -> ((1.0, 4), (0.5, 3)); "" -> () (every client at full width).
+
+    Raises ValueError with the reason (the config schema prefixes the key).
+    """
+    if not text.strip():
+        return ()
+    tiers = []
+    for item in text.split(","):
+        rate_text, sep, share_text = item.strip().partition(":")
+        try:
+            rate, share = float(rate_text), int(share_text)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not 'rate:clients' (e.g. '0.5:3')") from None
+        if not sep or not 0.0 < rate <= 1.0:
+            raise ValueError(f"rate {rate_text.strip()!r} must be in (0, 1]")
+        if share < 1:
+            raise ValueError(f"tier {rate:g} needs at least 1 client, got {share}")
+        tiers.append((rate, share))
+    rates = [rate for rate, _ in tiers]
+    if len(set(rates)) != len(rates):
+        raise ValueError(f"a rate is listed twice in {text!r}")
+    return tuple(tiers)
+
+
+def tier_rates(tiers: Tiers) -> list[float]:
+    """The rates a client may train at: those of the rule, or full width only."""
+    return [rate for rate, _ in tiers] or [1.0]
+
+
+def assign_widths(tiers: Tiers, num_partitions: int, seed: int) -> list[float]:
+    """The rate of every partition id under the rule (all 1.0 without one)."""
+    if not tiers:
+        return [1.0] * num_partitions
+    if num_partitions < len(tiers):
+        raise ValueError(
+            f"width-tiers: {len(tiers)} tiers need at least as many clients, "
+            f"there are {num_partitions}"
+        )
+    shares = np.array([share for _, share in tiers], dtype=float)
+    counts = np.maximum(1, np.floor(shares / shares.sum() * num_partitions)).astype(int)
+    while counts.sum() > num_partitions:  # the floor of 1 overshot: take from the largest
+        counts[np.argmax(counts)] -= 1
+    order = np.argsort(-(shares / shares.sum() * num_partitions - counts), kind="stable")
+    for index in order[: num_partitions - counts.sum()]:  # largest remainders first
+        counts[index] += 1
+    ladder = [rate for (rate, _), count in zip(tiers, counts, strict=True) for _ in range(count)]
+    order = np.random.default_rng([seed, _SALT]).permutation(num_partitions)
+    widths = [0.0] * num_partitions
+    for position, partition in enumerate(order):
+        widths[int(partition)] = ladder[position]
+    return widths
+
+
+def node_width(
+    tiers: Tiers, node_config: Mapping[str, Any], partition_id: int, num_partitions: int, seed: int
+) -> float:
+    """This node's rate: ``width`` from its node config if set (a rate of the rule), else the
+    rule's rate for its partition."""
+    if "width" in node_config:
+        try:
+            rate = float(node_config["width"])
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if rate not in tier_rates(tiers):
+            raise ValueError(
+                f"node config width={node_config['width']!r} is not a rate of width-tiers "
+                f"(allowed: {tier_rates(tiers)})"
+            )
+        return rate
+    return assign_widths(tiers, num_partitions, seed)[partition_id]
