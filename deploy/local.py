@@ -3,7 +3,7 @@ process, talking over loopback with TLS and SuperNode authentication; leave noth
 
     python -m deploy.local --clients N [--profile conf/X.toml] [--strategy mosaic|fedavg|fedprox]
                            [--set key=value ...] [--name RUN_NAME] [--timeout SEC]
-                           [--workdir DIR] [--insecure]
+                           [--widths R,R,...] [--workdir DIR] [--insecure]
 
 What it does, in order:
 
@@ -18,7 +18,8 @@ What it does, in order:
    every ``flwr`` command here): the address and the CA as ``root-certificates``.
 5. Each node's public key registered with ``flwr supernode register``, then N
    ``flower-supernode`` processes, each with its own ``--port``, its key, and
-   ``--node-config "partition-id=i num-partitions=N data-root=..."``; wait until
+   ``--node-config "partition-id=i num-partitions=N data-root=..."`` (and ``width=r`` with
+   ``--widths``: that node trains a width-r sub-model whatever ``width-tiers`` assigns); wait until
    ``flwr supernode list`` shows all N online (bounded by ``--startup-timeout``).
 6. ``flwr run <repo> mosaic-local --stream --run-config <merged.toml>``, then the run's status
    from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed).
@@ -45,13 +46,14 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, get_args
 
 import tomli_w
 
-from common.config import ConfigError, Strategy
+from common.config import ConfigError, RunConfig, Strategy
+from common.tiers import tier_rates
 from deploy.certs import Credentials, ensure_credentials
 from deploy.flwr_cli import (
     EXIT_CONFIG,
@@ -95,10 +97,17 @@ class LocalFederation:
     """
 
     def __init__(
-        self, workdir: Path, clients: int, data_root: str | Path, *, secure: bool = True
+        self,
+        workdir: Path,
+        clients: int,
+        data_root: str | Path,
+        *,
+        secure: bool = True,
+        widths: Sequence[float] | None = None,
     ) -> None:
         self.workdir = workdir.expanduser().resolve()
         self.clients = clients
+        self.widths = list(widths) if widths else None  # per node, its node-config `width`
         self.data_root = str(data_root)
         self.secure = secure
         self.flwr_home = self.workdir / "flwr-home"
@@ -219,6 +228,8 @@ class LocalFederation:
         """
         data_root = json.dumps(self.data_root)  # a TOML string, quoted and escaped
         node_config = f"partition-id={index} num-partitions={self.clients} data-root={data_root}"
+        if self.widths is not None:
+            node_config += f" width={float(self.widths[index])!r}"
         command = [
             str(Path(sys.executable).with_name("flower-supernode")),
             "--superlink",
@@ -349,6 +360,25 @@ def print_traffic(folder: Path) -> None:
 # --- command line -----------------------------------------------------------------------------
 
 
+def _widths(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        message = f"{text!r} is not a comma-separated list of rates"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def check_widths(cfg: RunConfig, widths: Sequence[float] | None, clients: int) -> None:
+    """``--widths``: one rate per SuperNode, each a rate of ``width-tiers``."""
+    if widths is None:
+        return
+    if len(widths) != clients:
+        raise ConfigError(f"--widths: {len(widths)} rates for {clients} SuperNodes (--clients)")
+    allowed = tier_rates(cfg.tiers)
+    if any(width not in allowed for width in widths):
+        raise ConfigError(f"--widths: {widths} has a rate outside width-tiers {allowed}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.local",
@@ -366,6 +396,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="override one run-config key (TOML literal); repeatable",
+    )
+    parser.add_argument(
+        "--widths",
+        type=_widths,
+        help="each SuperNode's width, in order (e.g. 1,0.5,0.25): its node config's `width`, "
+        "which overrides the width-tiers rule; every rate must be one of width-tiers",
     )
     parser.add_argument("--name", help="run name: the results folder's name")
     parser.add_argument("--timeout", type=float, help="stop the run after SEC seconds")
@@ -397,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, cfg = build_run_config(args.profile, args.strategy, args.set, args.name)
         check_runnable(cfg, args.clients)
+        check_widths(cfg, args.widths, args.clients)
         check_payload_limits(cfg, uploads_of(cfg.strategy))
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -416,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     federation = LocalFederation(
-        args.workdir, args.clients, cfg.data_root, secure=not args.insecure
+        args.workdir, args.clients, cfg.data_root, secure=not args.insecure, widths=args.widths
     )
 
     def stop() -> None:

@@ -85,6 +85,11 @@ def check_runnable(cfg: RunConfig, clients: int) -> torch.device:
             f"min-nodes: {cfg.min_nodes} is more than the {clients} clients (--clients), so "
             "the first round would wait forever; lower min-nodes or raise --clients"
         )
+    if len(cfg.tiers) > clients:
+        raise ConfigError(
+            f"width-tiers: {len(cfg.tiers)} tiers need at least as many clients, and --clients "
+            f"is {clients}"
+        )
     try:
         device = resolve_device(cfg.device)
     except RuntimeError as error:

@@ -125,14 +125,17 @@ def test_deploy_local_rejects_an_oversized_generator_before_starting_anything(
 
 
 @linux_only
-def test_deploy_local_runs_the_quick_config_over_tls_with_authenticated_supernodes(
+def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
     tmp_path: Path, data_root: Path
 ) -> None:
+    """The quick config with width tiers: partitions 0 and 2 train the full model, partition 1
+    (its node config's ``width=0.25``) a quarter-width sub-model."""
     workdir, results = tmp_path / "work", tmp_path / "results"
     try:
         result = run_launcher(
             "deploy.local",
             *("--clients", "3", "--profile", "conf/quick.toml", "--name", "deploy-quick"),
+            *("--set", 'width-tiers="1:2,0.25:1"', "--widths", "1,0.25,1"),
             *("--workdir", str(workdir)),
             results=results,
             data_root=data_root,
@@ -149,6 +152,7 @@ def test_deploy_local_runs_the_quick_config_over_tls_with_authenticated_supernod
     assert not leftovers, "deploy.local left processes running"
     assert re.search(r"Run \d+ finished:completed", output)
     assert "final test accuracy" in output and "bytes per client per round" in output
+    assert "width 0.25 sub-model" in output
     superlink_log = (workdir / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log  # TLS: the SuperLink serves HTTPS only
     connection = tomllib.loads((workdir / "flwr-home" / "config.toml").read_text())
@@ -157,21 +161,29 @@ def test_deploy_local_runs_the_quick_config_over_tls_with_authenticated_supernod
     folder = results / "deploy-quick"
     metrics = _read_json(folder / "metrics.json")
     assert set(metrics["rounds"]) == {str(r) for r in range(QUICK["num-rounds"] + 1)}
+    assert "width-0.25-accuracy" in metrics["rounds"][str(QUICK["num-rounds"])]
     assert (folder / "final_model.pt").is_file()
     assert sorted(_read_json(folder / "label_counts.json")) == [f"client-{i}" for i in range(3)]
     participation = _read_json(folder / "participation.json")
     assert set(participation) == {str(r) for r in range(1, QUICK["num-rounds"] + 1)}
     generator_round = QUICK.get("generator-round") or QUICK["kd-round"]
     for server_round, round_log in participation.items():
-        assert len(round_log["replied"]) == 3, round_log
+        assert len(round_log["replied"]) == 3 and not round_log["rejected"], round_log
         assert sorted(round_log["partitions"].values()) == [0, 1, 2]
         traffic = round_log["traffic"]
         assert set(traffic) == {str(node) for node in round_log["sampled"]}
-        for sizes in traffic.values():
+        for node, sizes in traffic.items():
             down, up = sizes[DOWNLINK], sizes[UPLINK]
-            assert down["arrays"] > 1_000_000 and down[TOTAL] >= down["arrays"] + down["config"]
-            assert down["arrays"] <= up["arrays"] <= down["arrays"] * 1.05  # the same model
+            assert down[TOTAL] >= down["arrays"] + down["config"]
             assert ("generator" in up) == (int(server_round) == generator_round)
+            if round_log["partitions"][node] != 1:
+                assert down["arrays"] > 1_000_000
+                assert down["arrays"] <= up["arrays"] <= down["arrays"] * 1.05  # the same model
+                continue
+            # the quarter-width node sends a sixteenth of the weights, and is sent its slice
+            # once the server has heard its width (round 1: the full model, cut by the node)
+            assert up["arrays"] < 150_000
+            assert (down["arrays"] > 1_000_000) == (server_round == "1")
 
 
 @linux_only
