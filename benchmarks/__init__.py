@@ -202,6 +202,11 @@ def run_cell(
         peak_gpu_mb=_peak_gpu_mb(),
         hardware=hardware(),
         label_counts=results.label_counts,
+        sub_model_accuracy={  # width tiers: each smaller tier's sub-model of the final model
+            key.removeprefix("width-").removesuffix("-accuracy"): value
+            for key, value in last.items()
+            if key.startswith("width-") and key.endswith("-accuracy")
+        },
     )
     if reply_cache is not None:
         record["client_replies"] = {

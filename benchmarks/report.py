@@ -46,11 +46,17 @@ def _replies_reused(records: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+def _megabytes(values: Sequence[float | None]) -> str:
+    """The mean of byte counts in MiB, or "-" when there are none."""
+    counted = [v / 2**20 for v in values if v is not None]
+    return f"{np.mean(counted):.2f}" if counted else "-"
+
+
 def _by_setting(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list]]:
     table: dict[str, dict[str, list]] = {}
     for record in records:
         cell = Cell(**record["cell"])
-        table.setdefault(cell.setting, {}).setdefault(cell.strategy, []).append(record)
+        table.setdefault(cell.setting, {}).setdefault(cell.method, []).append(record)
     return table
 
 
@@ -75,31 +81,54 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
         lines += ["", published.rstrip()]
     for setting, methods in _by_setting(records).items():
         lines += ["", f"## {setting}", ""]
-        lines.append(
-            "| method | seeds | method acc | global model | teacher | pre-KD | post-KD "
-            "| wall s | replies reused | uplink MB/client | crashed |"
+        group_records = [r for group in methods.values() for r in group]
+        widths = sorted(
+            {w for r in group_records for w in r.get("sub_model_accuracy") or {}},
+            key=float,
+            reverse=True,
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for strategy, group in methods.items():
+        tier_columns = [f"width {w} sub-model" for w in widths]
+        tier_columns += ["downlink MB/client"] if widths else []
+        header = [
+            "method",
+            "seeds",
+            "method acc",
+            "global model",
+            *tier_columns,
+            "teacher",
+            "pre-KD",
+            "post-KD",
+            "wall s",
+            "replies reused",
+            "uplink MB/client",
+            "crashed",
+        ]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for method, group in methods.items():
             ok = [r for r in group if r.get("status") == "ok"]
             crashed = [r for r in group if r.get("status") != "ok"]
-            uplink = [r["bytes_per_client"].get("uplink") for r in ok]
-            uplink_mb = [u / 2**20 for u in uplink if u is not None]
             walls = [r["wall_seconds"] for r in ok]
+            tier_values = [
+                _mean_std([(r.get("sub_model_accuracy") or {}).get(w) for r in ok]) for w in widths
+            ]
+            if widths:
+                tier_values.append(_megabytes([r["bytes_per_client"].get("downlink") for r in ok]))
             lines.append(
                 "| "
                 + " | ".join(
                     [
-                        strategy,
+                        method,
                         str(len(ok)),
                         _mean_std([method_accuracy(r) for r in ok]),
                         _mean_std([r.get("final_accuracy") for r in ok]),
+                        *tier_values,
                         _mean_std([r.get("teacher_accuracy") for r in ok]),
                         _mean_std([r.get("pre_kd_accuracy") for r in ok]),
                         _mean_std([r.get("post_kd_accuracy") for r in ok]),
                         f"{np.mean(walls):.0f}" if walls else "-",
                         _replies_reused(ok),
-                        f"{np.mean(uplink_mb):.2f}" if uplink_mb else "-",
+                        _megabytes([r["bytes_per_client"].get("uplink") for r in ok]),
                         "; ".join(f"seed {r['cell']['seed']}: {r['error']}" for r in crashed)
                         or "0",
                     ]

@@ -50,13 +50,27 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Every strategy in the registry's order; those whose result is their teacher (never
+# The width-tier setting (the paper's): 4 of 10 clients train the full CNN, 3 a half-width and
+# 3 a quarter-width sub-model. Cells of that setting run under one of these variants (run-config
+# overrides): "tiers" (HeteroFL's static slices), "tiers-rolling" (FedRolex's moving window),
+# "smallest" (no tiers: every client on the quarter-width model, the baseline a width method
+# must beat for its small clients).
+TIERS = "1:4,0.5:3,0.25:3"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "": {},
+    "tiers": {"width-tiers": TIERS, "width-scheme": "static"},
+    "tiers-rolling": {"width-tiers": TIERS, "width-scheme": "rolling"},
+    "smallest": {"model-width": 0.25},
+}
+
+# Every strategy in the registry's order (but fedavg-exclusive, which is FedAvg without
+# width tiers); those whose result is their teacher (never
 # distilled into the global model); and per strategy the run-config keys its result does not
 # depend on, so that a record stays current when only these changed (a new distillation
 # default does not rerun FedAvg). All three derive from the strategy classes;
 # tests/test_benchmarks.py runs every strategy with its unread keys changed and checks that
 # nothing moves.
-ALL_STRATEGIES: list[str] = list(STRATEGIES)
+ALL_STRATEGIES: list[str] = [name for name in STRATEGIES if name != "fedavg-exclusive"]
 TEACHER_ONLY: frozenset[str] = frozenset(name for name in STRATEGIES if judged_by_teacher(name))
 UNREAD_KEYS: dict[str, frozenset[str]] = {name: unread_keys(name) for name in STRATEGIES}
 
@@ -71,15 +85,23 @@ class Cell:
     protocol: str
     strategy: str
     seed: int
+    variant: str = ""  # a key of VARIANTS: "" for the homogeneous setting
 
     @property
     def setting(self) -> str:
-        return f"{self.protocol} {self.dataset} alpha={self.alpha} clients={self.num_clients}"
+        setting = f"{self.protocol} {self.dataset} alpha={self.alpha} clients={self.num_clients}"
+        return setting + (f", width tiers {TIERS}" if self.variant else "")
+
+    @property
+    def method(self) -> str:
+        """The table's row: the strategy, and the variant it ran under."""
+        return self.strategy + (f" ({self.variant})" if self.variant else "")
 
     @property
     def key(self) -> str:
+        variant = f"-{self.variant}" if self.variant else ""
         return (
-            f"{self.protocol}-{self.dataset}-a{self.alpha}-n{self.num_clients}"
+            f"{self.protocol}-{self.dataset}-a{self.alpha}-n{self.num_clients}{variant}"
             f"-{self.strategy}-s{self.seed}"
         )
 
@@ -111,6 +133,28 @@ def grid(
     ]
 
 
+def tier_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
+    """The width-tier table of one protocol: FedAvg on the smallest model, exclusive FedAvg,
+    HeteroFL (and FedRolex in multi-round), the teachers, FedDF, Mosaic without and with its
+    meta model, on FashionMNIST alpha 0.1 with 10 clients. Multi-round teacher methods run on
+    FedRolex's rolling slices (the paper builds on it); one-shot has one round, where rolling
+    is static."""
+    methods = [("fedavg", "smallest"), ("fedavg-exclusive", "tiers"), ("fedavg", "tiers")]
+    tiers = "tiers"
+    if protocol == "multi-round":
+        methods.append(("fedavg", "tiers-rolling"))
+        tiers = "tiers-rolling"
+    methods += [
+        (strategy, tiers)
+        for strategy in ("ensemble", "label-share", "feddf", "mosaic-no-meta", "mosaic")
+    ]
+    return [
+        Cell("fashion-mnist", 0.1, 10, protocol, strategy, seed, variant)
+        for strategy, variant in methods
+        for seed in seeds
+    ]
+
+
 SUITES: dict[str, Suite] = {
     # One setting, one seed, every method, modest steps: minutes on the 2-core CPU machine when
     # it is idle, under 20 when other jobs load it (docs/results.md has the timings).
@@ -132,6 +176,12 @@ SUITES: dict[str, Suite] = {
         grid(["fashion-mnist", "mnist"], [0.1, 0.3, 0.5], 5, "one-shot", ALL_STRATEGIES, [0, 1, 2])
         + grid(["fashion-mnist"], [0.01, 0.1, 1.0], 10, "multi-round", ALL_STRATEGIES, [0, 1, 2]),
     ),
+    # Width tiers (issue: model heterogeneity), both protocols, 3 seeds, default sizes but the
+    # multi-round generator steps of the default profile (docs/speed.md).
+    "tiers": Suite(
+        "tiers",
+        tier_cells("one-shot", [0, 1, 2]) + tier_cells("multi-round", [0, 1, 2]),
+    ),
 }
 
 
@@ -145,7 +195,7 @@ def cell_run_config(
     cell: Cell, base: Mapping[str, Any], sizes: Mapping[str, Any], runs_dir: Path
 ) -> dict[str, Any]:
     """The run config of a cell: ``base``, then the protocol, the suite's sizes, the cell."""
-    config = {**base, **PROTOCOLS[cell.protocol], **sizes}
+    config = {**base, **PROTOCOLS[cell.protocol], **VARIANTS[cell.variant], **sizes}
     config.update(
         {
             "dataset": cell.dataset,

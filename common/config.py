@@ -23,7 +23,15 @@ from common.models import classifier_names, supports_width_tiers
 from common.tiers import Tiers, parse_width_tiers
 
 Strategy = Literal[
-    "mosaic", "fedavg", "fedprox", "ensemble", "label-share", "feddf", "mosaic-no-meta", "dense"
+    "mosaic",
+    "fedavg",
+    "fedavg-exclusive",
+    "fedprox",
+    "ensemble",
+    "label-share",
+    "feddf",
+    "mosaic-no-meta",
+    "dense",
 ]
 # Run-config keys of optional steps, by step; each strategy class declares which it reads
 # (server_app.strategies derives from that what a result depends on).

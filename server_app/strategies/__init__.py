@@ -23,7 +23,12 @@ from common.config import (
     parse_run_config,
 )
 from common.wire import Uploads
-from server_app.strategies.base import CheckedFedAvg, FedProxStrategy, RoundLog
+from server_app.strategies.base import (
+    CheckedFedAvg,
+    ExclusiveFedAvg,
+    FedProxStrategy,
+    RoundLog,
+)
 from server_app.strategies.baselines import (
     DenseStrategy,
     EnsembleStrategy,
@@ -48,6 +53,7 @@ __all__ = [
 # Name -> class, in the order tables list them.
 STRATEGIES: dict[str, type[CheckedFedAvg]] = {
     "fedavg": CheckedFedAvg,
+    "fedavg-exclusive": ExclusiveFedAvg,
     "fedprox": FedProxStrategy,
     "ensemble": EnsembleStrategy,
     "label-share": LabelShareStrategy,

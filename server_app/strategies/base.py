@@ -368,6 +368,10 @@ class CheckedFedAvg(FedAvg):
         }
         return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
+    def contributors(self, accepted: list[Accepted]) -> list[Accepted]:
+        """The accepted replies this strategy builds its model from: all of them."""
+        return accepted
+
     def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
         """Keep what the server needs from the accepted replies of a round that is not skipped."""
         for entry in accepted:
@@ -384,7 +388,7 @@ class CheckedFedAvg(FedAvg):
         Flower then keeps the previous global model.
         """
         server_round = self.run_round(server_round)
-        accepted = self.validate_replies(server_round, replies)
+        accepted = self.contributors(self.validate_replies(server_round, replies))
         round_log = self.rounds[server_round]
         if len(accepted) < self.cfg.min_replies:
             round_log.skipped = (
@@ -534,6 +538,15 @@ def _strip_to_fedavg(msg: Message, weight: int | None = None) -> Message:
     view = copy.copy(msg)
     view.content = content
     return view
+
+
+class ExclusiveFedAvg(CheckedFedAvg):
+    """FedAvg over the clients that train the full model only: with width tiers, the bar a
+    width method has to clear (dropping the small clients often beats slicing for them).
+    Without tiers it is FedAvg."""
+
+    def contributors(self, accepted: list[Accepted]) -> list[Accepted]:
+        return [entry for entry in accepted if entry.reply.width == 1.0]
 
 
 class FedProxStrategy(CheckedFedAvg):
