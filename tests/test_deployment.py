@@ -27,6 +27,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from common.config import load_profile, pyproject_defaults
+from common.tiers import tier_rates
 from deploy.certs import DEFAULT_SANS, ensure_credentials, make_node_key
 from deploy.flwr_cli import COMPLETED
 from deploy.local import LocalFederation
@@ -372,6 +374,12 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
             assert _args(services[host])["port"] == port, f"{name}: {host} is not on {port}"
             assert host in service["depends_on"]
 
+    # The sites' widths are rates of the width-tiers of the profile the compose header runs
+    profile = re.search(r"--run-config (conf/\S+\.toml)", COMPOSE_FILE.read_text()).group(1)
+    rates = tier_rates(
+        load_profile(REPO / profile, pyproject_defaults(REPO / "pyproject.toml")).tiers
+    )
+    widths = []
     partitions = []
     for name in supernodes:
         args = _args(services[name])
@@ -382,8 +390,10 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
         node_config = dict(item.split("=", 1) for item in shlex.split(args["node-config"]))
         assert node_config["num-partitions"] == str(nodes)
         partitions.append(int(node_config["partition-id"]))
+        widths.append(float(node_config["width"]))
         assert args["auth-supernode-private-key"] == f"certificates/nodes/node-{partitions[-1]}"
     assert sorted(partitions) == list(range(nodes))
+    assert all(width in rates for width in widths) and len(set(widths)) > 1, (widths, rates)
 
     assert len(dockerfiles) == 1
     dockerfile = dockerfiles.pop()

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Message
 
+from common.models import build_classifier
 from common.tiers import assign_widths, parse_width_tiers
-from common.wire import CLIENT
+from common.wire import ARRAYS, CLIENT, state_to_record
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
-from tests.runs import NUM_NODES, final_model, read_json, run
+from tests.runs import NUM_NODES, assert_same_state, error_reply, final_model, read_json, run
 
 pytestmark = pytest.mark.integration  # whole runs of the app in this process
 
@@ -99,3 +100,44 @@ def test_a_client_lying_about_its_width_is_rejected_by_rule(data_root, tmp_path)
     assert read_json(folder, "participation.json")["1"]["rejected"] == {
         str(small): "width-declaration"
     }
+
+
+def test_exclusive_fedavg_averages_the_full_width_clients_only(data_root, tmp_path) -> None:
+    widths = _widths(data_root, tmp_path)
+    small = {node for node, width in widths.items() if width < 1.0}
+    common = {"width_tiers": TIERS, "num_rounds": 1}
+    _, exclusive = run(data_root, tmp_path / "exclusive", strategy="fedavg-exclusive", **common)
+    _, dropped = run(
+        data_root,
+        tmp_path / "dropped",
+        tamper=lambda node, reply: error_reply(node)(node, reply) if node in small else reply,
+        strategy="fedavg",
+        **common,
+    )
+    assert_same_state(final_model(exclusive), final_model(dropped))
+
+
+def test_a_client_that_changes_its_width_is_refused(data_root, tmp_path) -> None:
+    widths = _widths(data_root, tmp_path)
+    small = next(node for node, width in widths.items() if width == 0.25)
+    config = tiny_run_config(data_root, tmp_path)
+    full = build_classifier(
+        "cnn", num_classes=10, in_shape=(1, 28, 28), width=config["model-width"]
+    ).state_dict()
+    replies = {"count": 0}
+
+    def grow(node_id: int, reply: Message) -> Message:
+        """From its second reply on, the quarter-width node sends a full model, declared."""
+        if node_id == small and not reply.has_error() and CLIENT in reply.content:
+            replies["count"] += 1
+            if replies["count"] > 1:
+                reply.content[ARRAYS] = state_to_record(full)
+                _declare(small, 1.0)(node_id, reply)
+        return reply
+
+    _, folder = run(
+        data_root, tmp_path, tamper=grow, strategy="fedavg", width_tiers=TIERS, num_rounds=2
+    )
+    participation = read_json(folder, "participation.json")
+    assert participation["1"]["rejected"] == {}
+    assert participation["2"]["rejected"] == {str(small): "width-changed"}
