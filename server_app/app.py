@@ -104,27 +104,13 @@ class RoundRecorder:
         model = copy.deepcopy(self.template)
         model.load_state_dict(record_to_state(arrays))
         metrics = self.evaluate_model(model)
-        metrics.update(self._sub_model_metrics(model))
+        metrics.update(self.strategy.sub_model_metrics(model))
         self.report.record_round(server_round, **metrics, **self._round_figures(server_round))
         self.report.write_participation(self.strategy.rounds)
         self.report.write_label_counts(self.strategy.label_counts)
         if server_round > 0:
             self._checkpoint(server_round, arrays)
         return MetricRecord(metrics)
-
-    def _sub_model_metrics(self, model: torch.nn.Module) -> dict[str, float]:
-        """With width tiers, each smaller tier's sub-model of the global model (the first units
-        of every layer, as a node of that tier evaluates it) on the test set."""
-        slicer = self.strategy.slicer
-        if slicer is None:
-            return {}
-        metrics = {}
-        for rate in self.strategy.sub_models:
-            sub = copy.deepcopy(slicer.template(rate))
-            sub.load_state_dict(slicer.slice(model.state_dict(), rate))
-            for key, value in self.evaluate_model(sub).items():
-                metrics[f"width-{rate:g}-{key}"] = value
-        return metrics
 
     def _round_figures(self, server_round: int) -> dict[str, float]:
         """Wall time, who took part, and the teacher's figures of a round (none for round 0)."""

@@ -441,6 +441,19 @@ class CheckedFedAvg(FedAvg):
         ]
         return state_to_record(average_covered(states, masks or [], weights, base))
 
+    def sub_model_metrics(self, model: Classifier) -> dict[str, float]:
+        """With width tiers, each smaller tier's sub-model of ``model`` (the first units of
+        every layer, as a node of that tier evaluates it), as ``width-<r>-<metric>``."""
+        if self.slicer is None:
+            return {}
+        metrics = {}
+        for rate in self.sub_models:
+            sub = copy.deepcopy(self.slicer.template(rate))
+            sub.load_state_dict(self.slicer.slice(model.state_dict(), rate))
+            for key, value in self.evaluate_model(sub).items():
+                metrics[f"width-{rate:g}-{key}"] = value
+        return metrics
+
     def client_weights(self, accepted: list[Accepted]) -> list[int | None]:
         """Each reply's aggregation weight: its ``num-examples``, at most ``max-weight-ratio``
         times the round's median (None: the reply's own count, untouched)."""

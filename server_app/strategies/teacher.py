@@ -166,7 +166,7 @@ class TeacherStrategy(CheckedFedAvg):
         figures["meta-seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         figures.update({f"teacher-{k}": v for k, v in self.evaluate_model(teacher).items()})
-        figures.update({f"pre-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+        figures.update({f"pre-kd-{k}": v for k, v in self._student_metrics(student).items()})
         figures["evaluation-seconds"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -177,7 +177,7 @@ class TeacherStrategy(CheckedFedAvg):
         figures["kd-teacher-seconds"] = result.teacher_seconds
         figures["kd-agreement"] = result.teacher_student_agreement
         started = time.perf_counter()
-        figures.update({f"post-kd-{k}": v for k, v in self.evaluate_model(student).items()})
+        figures.update({f"post-kd-{k}": v for k, v in self._student_metrics(student).items()})
         figures["evaluation-seconds"] += time.perf_counter() - started
         log(
             INFO,
@@ -188,6 +188,10 @@ class TeacherStrategy(CheckedFedAvg):
             figures["post-kd-accuracy"],
         )
         return figures
+
+    def _student_metrics(self, student: Classifier) -> dict[str, float]:
+        """The student on the test set, and each smaller tier's sub-model of it."""
+        return {**self.evaluate_model(student), **self.sub_model_metrics(student)}
 
     def client_models(self, states: list[dict[str, torch.Tensor]]) -> ExpertEnsemble:
         """The client models themselves, side by side (for the label-share and plain mixtures)."""
