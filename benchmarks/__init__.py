@@ -252,6 +252,7 @@ ADDED_KEYS: dict[str, Any] = {
     "kd-generators-per-step": 10,  # every recorded cell has at most 10 clients: all of them
     "width-tiers": "",
     "width-scheme": "static",
+    "exclusive-width": 1.0,
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

@@ -54,13 +54,16 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 # 3 a quarter-width sub-model. Cells of that setting run under one of these variants (run-config
 # overrides): "tiers" (HeteroFL's static slices), "tiers-rolling" (FedRolex's moving window),
 # "smallest" (no tiers: every client on the quarter-width model, the baseline a width method
-# must beat for its small clients).
+# must beat for its small clients), "tier-R-alone" (with fedavg-exclusive: the width-R clients
+# alone, FedAvg on the width-R model: the bar for that tier's sub-model).
 TIERS = "1:4,0.5:3,0.25:3"
 VARIANTS: dict[str, dict[str, Any]] = {
     "": {},
     "tiers": {"width-tiers": TIERS, "width-scheme": "static"},
     "tiers-rolling": {"width-tiers": TIERS, "width-scheme": "rolling"},
     "smallest": {"model-width": 0.25},
+    "tier-0.5-alone": {"width-tiers": TIERS, "exclusive-width": 0.5},
+    "tier-0.25-alone": {"width-tiers": TIERS, "exclusive-width": 0.25},
 }
 
 # Every strategy in the registry's order (but fedavg-exclusive, which is FedAvg without
@@ -139,7 +142,13 @@ def tier_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
     meta model, on FashionMNIST alpha 0.1 with 10 clients. Multi-round teacher methods run on
     FedRolex's rolling slices (the paper builds on it); one-shot has one round, where rolling
     is static."""
-    methods = [("fedavg", "smallest"), ("fedavg-exclusive", "tiers"), ("fedavg", "tiers")]
+    methods = [
+        ("fedavg", "smallest"),
+        ("fedavg-exclusive", "tiers"),
+        ("fedavg-exclusive", "tier-0.5-alone"),
+        ("fedavg-exclusive", "tier-0.25-alone"),
+        ("fedavg", "tiers"),
+    ]
     tiers = "tiers"
     if protocol == "multi-round":
         methods.append(("fedavg", "tiers-rolling"))

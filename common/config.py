@@ -109,6 +109,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "aggregation",
             "trim-fraction",
             "krum-malicious",
+            "exclusive-width",
         }
     )
     | DISTILLATION_KEYS
@@ -255,6 +256,7 @@ class RunConfig(BaseModel):
     # "" or "rate:clients,...", e.g. "1:4,0.5:3,0.25:3" (common.tiers)
     width_tiers: str = Field(pattern=rf"^({_TIER}(,{_TIER})*)?$", max_length=1_000)
     width_scheme: WidthScheme
+    exclusive_width: float = Field(gt=0, le=1)  # fedavg-exclusive: average only this width
     num_rounds: int = Field(ge=1, le=100_000)
     min_nodes: int = Field(ge=1, le=100_000)  # wait until this many nodes are connected
     fraction_train: float = Field(gt=0, le=1)

@@ -126,6 +126,7 @@ OTHER_VALUES: dict[str, Any] = {
     "dense-lambda-bn": 0.5,
     "dense-lambda-adv": 0.5,
     "proximal-mu": 0.5,
+    "exclusive-width": 0.5,
     "max-update-ratio": 50.0,
     "max-weight-ratio": 50.0,
     "aggregation": "median",

@@ -141,6 +141,9 @@ def valid_configs(draw) -> dict[str, Any]:
     if values["width-tiers"]:
         values["width-tiers"] = draw(st.sampled_from(["1:4,0.5:3,0.25:3", "0.25:2", "1:1,.5:1"]))
         values["model"], values["aggregation"] = "cnn", "mean"
+    if values["strategy"] == "fedavg-exclusive":
+        rates = [float(item.split(":")[0]) for item in values["width-tiers"].split(",") if item]
+        values["exclusive-width"] = draw(st.sampled_from([1.0, *rates]))
     if values["resume"] and not values["run-name"]:
         values["run-name"] = draw(st.from_regex(_pattern("run-name"), fullmatch=True).filter(bool))
     return values

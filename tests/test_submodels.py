@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError, parse_run_config
+from common.config import ConfigError
 from common.models import GeneratorSpec, build_generator
 from common.submodels import WidthSlicer, average_covered
 from common.tiers import assign_widths, node_width, parse_width_tiers
 from common.wire import MalformedReplyError, TierShapes, pack_train_reply, state_signature
 from common.wire import validate_train_reply as validate
 from server_app.moe import build_experts
+from server_app.strategies import validate_run_config
 from tests.fakedata import PYPROJECT
 
 IMAGE = (1, 28, 28)
@@ -173,13 +174,18 @@ def test_node_config_width_overrides_the_rule_and_must_be_one_of_its_rates() -> 
         ({"width-tiers": "1:2,0.5:1", "model": "resnet18"}, "width-tiers"),
         ({"width-tiers": "1:2,0.5:1", "aggregation": "median"}, "aggregation"),
         ({"width-scheme": "random"}, "width-scheme"),
+        (
+            {"strategy": "fedavg-exclusive", "width-tiers": "1:2,0.5:1", "exclusive-width": 0.25},
+            "exclusive-width",
+        ),
+        ({"strategy": "fedavg-exclusive", "exclusive-width": 0.5}, "exclusive-width"),
     ],
 )
 def test_impossible_tier_configs_fail_naming_the_key(overrides, key) -> None:
     from common.config import pyproject_defaults
 
     with pytest.raises(ConfigError, match=rf"\n  {key}:"):
-        parse_run_config({**pyproject_defaults(PYPROJECT), **overrides})
+        validate_run_config({**pyproject_defaults(PYPROJECT), **overrides})
 
 
 def _tier_reply(state, width: float, generator_state=None):

@@ -554,12 +554,25 @@ def _strip_to_fedavg(msg: Message, weight: int | None = None) -> Message:
 
 
 class ExclusiveFedAvg(CheckedFedAvg):
-    """FedAvg over the clients that train the full model only: with width tiers, the bar a
-    width method has to clear (dropping the small clients often beats slicing for them).
+    """FedAvg over the clients of one width only (``exclusive-width``). At 1.0, the clients
+    that train the full model: the bar a width method has to clear (dropping the small clients
+    often beats slicing for them). At a smaller rate with static slices, that tier trained
+    alone: its ``width-<r>`` sub-model is a width-r model FedAvg'd over its own clients only.
     Without tiers it is FedAvg."""
 
+    reads = frozenset({"exclusive-width"})
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        if cfg.exclusive_width not in [rate for rate, _ in cfg.tiers] + [1.0]:
+            raise cls.config_error(
+                "exclusive-width",
+                f"{cfg.exclusive_width} is neither 1.0 nor a rate of width-tiers, so no client "
+                "would ever be averaged",
+            )
+
     def contributors(self, accepted: list[Accepted]) -> list[Accepted]:
-        return [entry for entry in accepted if entry.reply.width == 1.0]
+        return [entry for entry in accepted if entry.reply.width == self.cfg.exclusive_width]
 
 
 class FedProxStrategy(CheckedFedAvg):
