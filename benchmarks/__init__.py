@@ -253,6 +253,7 @@ ADDED_KEYS: dict[str, Any] = {
     "width-tiers": "",
     "width-scheme": "static",
     "exclusive-width": 1.0,
+    "kd-sub-models": False,
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

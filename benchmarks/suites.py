@@ -188,10 +188,12 @@ SUITES: dict[str, Suite] = {
     # Width tiers (the paper's setting), both protocols, 3 seeds. The teacher labels 30 batches
     # once and distillation cycles through them (the default profile's setting, docs/speed.md):
     # a one-shot distillation of 1500 steps with the teacher labelling every batch took 10 min.
+    # Distillation trains every tier's sub-model of the student too (kd-sub-models): into the
+    # full model alone it wrecked the quarter-width slice (one-shot seed 0: 51.9 -> 25.0).
     "tiers": Suite(
         "tiers",
         tier_cells("one-shot", [0, 1, 2]) + tier_cells("multi-round", [0, 1, 2]),
-        sizes={"kd-pool-batches": 30},
+        sizes={"kd-pool-batches": 30, "kd-sub-models": True},
     ),
 }
 

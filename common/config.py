@@ -64,6 +64,7 @@ DISTILLATION_KEYS: frozenset[str] = frozenset(
         "kd-ema",
         "kd-pool-batches",
         "kd-generators-per-step",
+        "kd-sub-models",
     }
 )
 META_KEYS: frozenset[str] = frozenset(
@@ -192,6 +193,7 @@ class Distillation:
     ema: float = 0.0
     pool_batches: int = 0  # > 0: label this many batches once and cycle through them
     generators_per_step: int = 0  # > 0: each step samples this many generators, in turn
+    sub_models: bool = False  # with width tiers: each tier's sub-model distilled too
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,7 @@ class RunConfig(BaseModel):
     kd_ema: float = Field(ge=0, lt=1)  # 0 = last iterate; else EMA of the student's weights
     kd_pool_batches: int = Field(ge=0, le=1_000_000)  # > 0: teacher labels this many, reused
     kd_generators_per_step: int = Field(ge=0, le=100_000)  # > 0: a step samples this many
+    kd_sub_models: bool  # width tiers: distill into each smaller tier's sub-model as well
     # --- defences (server_app/defences.py; 0 turns each off) --------------------------------
     max_update_ratio: float = Field(ge=0, le=1e6)  # refuse updates > this x the round's median
     max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
@@ -430,6 +433,7 @@ class RunConfig(BaseModel):
             ema=self.kd_ema,
             pool_batches=self.kd_pool_batches,
             generators_per_step=self.kd_generators_per_step,
+            sub_models=self.kd_sub_models,
         )
 
     def dense_training(self, num_clients: int) -> DenseTraining:

@@ -19,10 +19,11 @@ This module is plain PyTorch: the client slices with it too when it is sent the 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from common.models import Classifier, ImageShape, Units, WidthPlan, build_classifier
 
@@ -132,6 +133,36 @@ class WidthSlicer:
             if shapes == {k: tuple(v.shape) for k, v in template.state_dict().items()}:
                 return rate
         return None
+
+
+class SlicedView(nn.Module):
+    """A width sub-model whose weights are a slice of a full model's, taken on every call, so
+    that a loss on its outputs trains the full model's coordinates it reads (distilling the
+    tiers' sub-models together with the full model). Always in eval mode: BatchNorm reads the
+    sliced running statistics, as the full model's frozen BatchNorm does."""
+
+    def __init__(self, slicer: WidthSlicer, full: nn.Module, rate: float, start: int = 0) -> None:
+        super().__init__()
+        # Lists, so that neither is a submodule: the view has no weights of its own, every
+        # tensor the template computes with is a slice of the full model's, passed per call.
+        self._full = [full]
+        self._template = [copy.deepcopy(slicer.template(rate)).eval().requires_grad_(False)]
+        self.index = slicer.index(rate, start)
+
+    def train(self, mode: bool = True) -> SlicedView:
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        full = self._full[0]
+        tensors = {**dict(full.named_parameters()), **dict(full.named_buffers())}
+        sliced = {}
+        for key, dims in self.index.items():
+            tensor = tensors[key]
+            for dim, kept in enumerate(dims):
+                if kept is not None:
+                    tensor = tensor.index_select(dim, kept.to(tensor.device))
+            sliced[key] = tensor
+        return torch.func.functional_call(self._template[0], sliced, (x,))
 
 
 def average_covered(

@@ -127,6 +127,7 @@ OTHER_VALUES: dict[str, Any] = {
     "dense-lambda-adv": 0.5,
     "proximal-mu": 0.5,
     "exclusive-width": 0.5,
+    "kd-sub-models": True,
     "max-update-ratio": 50.0,
     "max-weight-ratio": 50.0,
     "aggregation": "median",

@@ -10,7 +10,7 @@ import torch
 
 from common.config import ConfigError
 from common.models import GeneratorSpec, build_generator
-from common.submodels import WidthSlicer, average_covered
+from common.submodels import SlicedView, WidthSlicer, average_covered
 from common.tiers import assign_widths, node_width, parse_width_tiers
 from common.wire import MalformedReplyError, TierShapes, pack_train_reply, state_signature
 from common.wire import validate_train_reply as validate
@@ -250,3 +250,19 @@ def test_a_small_client_uploads_a_generator_of_its_own_size() -> None:
     assert error.value.rule == "generator-shape"
     sizes = [sum(v.numel() for v in s.values()) for s in (small_generator, full_generator)]
     assert sizes[0] * 3 < sizes[1]
+
+
+def test_a_sliced_view_computes_the_sub_model_and_trains_the_full_models_coordinates() -> None:
+    slicer = _slicer()
+    full = copy.deepcopy(slicer.full)
+    full.load_state_dict(_randomised(full, 10))
+    full.eval()
+    view = SlicedView(slicer, full, 0.25)
+    sub = copy.deepcopy(slicer.template(0.25)).eval()
+    sub.load_state_dict(slicer.slice(full.state_dict(), 0.25))
+    x = torch.randn(4, *IMAGE)
+    torch.testing.assert_close(view(x), sub(x))
+    assert not list(view.parameters())  # its weights are the full model's, not its own
+    view(x).square().sum().backward()
+    grad = full.body[0].weight.grad
+    assert grad[:8].abs().sum() > 0 and not grad[8:].any()  # only the slice's channels move

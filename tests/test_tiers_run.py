@@ -31,7 +31,14 @@ def _widths(data_root: Path, tmp_path: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def mosaic_tiers_run(data_root, tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("tiers")
-    _, folder = run(data_root, results, strategy="mosaic", width_tiers=TIERS, model_width=0.5)
+    _, folder = run(
+        data_root,
+        results,
+        strategy="mosaic",
+        width_tiers=TIERS,
+        model_width=0.5,
+        kd_sub_models=True,
+    )
     return folder
 
 
@@ -42,6 +49,7 @@ def test_mixed_tier_mosaic_run_accepts_every_reply_and_distills(mosaic_tiers_run
     )
     metrics = read_json(mosaic_tiers_run, "metrics.json")["rounds"]
     assert "post-kd-accuracy" in metrics["2"] and "meta-val-accuracy" in metrics["2"]
+    assert {"pre-kd-width-0.25-accuracy", "post-kd-width-0.25-accuracy"} <= metrics["2"].keys()
     for server_round in ("0", "3"):
         assert {"width-0.5-accuracy", "width-0.25-accuracy"} <= metrics[server_round].keys()
     # the global model is the full one

@@ -89,7 +89,13 @@ class DenseStrategy(TeacherStrategy):
         | SERVER_GENERATOR_KEYS
         | (
             DISTILLATION_KEYS
-            - {"kd-generator-weighting", "kd-proximal-mu", "kd-ema", "kd-pool-batches"}
+            - {
+                "kd-generator-weighting",
+                "kd-proximal-mu",
+                "kd-ema",
+                "kd-pool-batches",
+                "kd-sub-models",
+            }
         )
         | {"kd-every"}
     )

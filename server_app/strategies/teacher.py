@@ -29,6 +29,7 @@ from flwr.common.logger import log
 from common.config import DISTILLATION_KEYS, GENERATOR_KEYS, RunConfig
 from common.data import generator_to_classifier_input
 from common.models import Classifier, Generator, build_generator
+from common.submodels import SlicedView
 from common.wire import Uploads, record_to_state, state_to_record
 from server_app.defences import computes_finite, scale_counts
 from server_app.distill import DistillResult, distill
@@ -108,6 +109,7 @@ class TeacherStrategy(CheckedFedAvg):
             cfg.distillation,
             to_input=lambda x: generator_to_classifier_input(x, self.info),
             generator_weights=weights,
+            sub_models=self.sub_model_views(student),
             device=self.device,
             seed=cfg.seed,
             progress=lambda line: log(INFO, "%s distillation: %s", cfg.strategy, line),
@@ -188,6 +190,13 @@ class TeacherStrategy(CheckedFedAvg):
             figures["post-kd-accuracy"],
         )
         return figures
+
+    def sub_model_views(self, student: Classifier) -> list[SlicedView]:
+        """With ``kd-sub-models`` and width tiers: each smaller tier's sub-model of the student
+        (the first units, as a node of that tier evaluates it), for distillation to train too."""
+        if self.slicer is None or not self.cfg.kd_sub_models:
+            return []
+        return [SlicedView(self.slicer, student, rate).to(self.device) for rate in self.sub_models]
 
     def _student_metrics(self, student: Classifier) -> dict[str, float]:
         """The student on the test set, and each smaller tier's sub-model of it."""
