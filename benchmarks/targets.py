@@ -24,6 +24,8 @@ Record = Mapping[str, Any]
 ONE_SHOT_FLOOR = {"fashion-mnist": 78.0, "mnist": 95.0}
 STUDENT_GAP_POINTS = 5.0  # the distilled student within this many points of label-share
 MULTI_ROUND_LEAD_POINTS = 5.0  # Mosaic this many points above FedAvg at the same rounds
+TIER_LEAD_POINTS = 5.0  # width tiers: Mosaic's full model this far above HeteroFL/FedRolex and
+# the exclusive baseline
 QUICK_SUITE_MINUTES = 20.0
 
 
@@ -41,7 +43,8 @@ def _ok(records: Sequence[Record], **cell: Any) -> dict[int, Record]:
     return {
         r["cell"]["seed"]: r
         for r in records
-        if r.get("status") == "ok" and all(r["cell"].get(k) == v for k, v in cell.items())
+        if r.get("status") == "ok"
+        and all(r["cell"].get(k, "" if k == "variant" else None) == v for k, v in cell.items())
     }
 
 
@@ -94,7 +97,13 @@ def one_shot_verdicts(
     """
     verdicts = []
     for dataset, floor in ONE_SHOT_FLOOR.items():
-        setting = {"protocol": "one-shot", "dataset": dataset, "alpha": 0.1, "num_clients": 5}
+        setting = {
+            "protocol": "one-shot",
+            "dataset": dataset,
+            "alpha": 0.1,
+            "num_clients": 5,
+            "variant": "",
+        }
         where = f"one-shot {dataset} a=0.1"
         mosaic = _ok(records, strategy="mosaic", **setting)
         label_share = _ok(records, strategy="label-share", **setting)
@@ -175,7 +184,7 @@ def multi_round_verdict(records: Sequence[Record]) -> Verdict:
     round: distillation moves the student towards its teacher, so a teacher less than 5 points
     above FedAvg's model says the lead cannot come from that distillation, whatever its steps.
     """
-    setting = {"protocol": "multi-round", "dataset": "fashion-mnist", "alpha": 0.1}
+    setting = {"protocol": "multi-round", "dataset": "fashion-mnist", "alpha": 0.1, "variant": ""}
     name = (
         f"multi-round fashion-mnist a=0.1: Mosaic ≥ FedAvg + {MULTI_ROUND_LEAD_POINTS:.0f} "
         "points at the same rounds"
@@ -212,6 +221,61 @@ def multi_round_verdict(records: Sequence[Record]) -> Verdict:
             f" {theirs[kd_round]:.2f} ({lift:+.2f})"
         )
     return Verdict(name, measured, _met(min(gaps.values()) >= MULTI_ROUND_LEAD_POINTS))
+
+
+def tier_verdicts(records: Sequence[Record]) -> list[Verdict]:
+    """The width-tier targets, per protocol (FashionMNIST alpha 0.1, 10 clients, tiers 4/3/3):
+    Mosaic's full model at least 5 points above HeteroFL (FedRolex in multi-round) and above
+    exclusive FedAvg, and every smaller tier's sub-model of it above that tier trained alone."""
+    verdicts = []
+    for protocol, tiers, width_method in (
+        ("one-shot", "tiers", "HeteroFL"),
+        ("multi-round", "tiers-rolling", "FedRolex"),
+    ):
+        setting = {"protocol": protocol, "dataset": "fashion-mnist", "alpha": 0.1}
+        mosaic = _ok(records, strategy="mosaic", variant=tiers, **setting)
+        rivals = {
+            width_method: _ok(records, strategy="fedavg", variant=tiers, **setting),
+            "exclusive FedAvg": _ok(
+                records, strategy="fedavg-exclusive", variant="tiers", **setting
+            ),
+        }
+        for rival, runs in rivals.items():
+            name = f"{protocol} tiers: Mosaic ≥ {rival} + {TIER_LEAD_POINTS:.0f} points"
+            pair = _paired(mosaic, runs, final, final)
+            if pair is None:
+                verdicts.append(Verdict(name, "-", "not run"))
+                continue
+            seeds, ours, theirs = pair
+            verdicts.append(
+                Verdict(
+                    name,
+                    f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}, {_seeds(seeds)})",
+                    _met(ours - theirs >= TIER_LEAD_POINTS),
+                )
+            )
+        for width in ("0.5", "0.25"):
+            alone = _ok(
+                records, strategy="fedavg-exclusive", variant=f"tier-{width}-alone", **setting
+            )
+            name = f"{protocol} tiers: Mosaic's width-{width} sub-model above that tier alone"
+
+            def sub_model(record: Record, width: str = width) -> float | None:
+                return (record.get("sub_model_accuracy") or {}).get(width)
+
+            pair = _paired(mosaic, alone, sub_model, sub_model)
+            if pair is None:
+                verdicts.append(Verdict(name, "-", "not run"))
+                continue
+            seeds, ours, theirs = pair
+            verdicts.append(
+                Verdict(
+                    name,
+                    f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}, {_seeds(seeds)})",
+                    _met(ours > theirs),
+                )
+            )
+    return verdicts
 
 
 def quick_suite_verdict(records: Sequence[Record]) -> Verdict:
@@ -298,6 +362,8 @@ def render_targets(
     """Markdown section: one row per target of the issue that applies to ``suite_name``."""
     if suite_name == "quick":
         verdicts = [quick_suite_verdict(records)]
+    elif suite_name == "tiers":
+        verdicts = tier_verdicts(records)
     else:
         verdicts = [
             *one_shot_verdicts(records, method_accuracy, teacher_only),
