@@ -70,10 +70,16 @@ class MosaicStrategy(TeacherStrategy):
         return super().configure_train(server_round, arrays, config, grid)
 
     def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
+        """Keep the round's prototypes in the bank. With width tiers and ``meta-features =
+        global`` only the full-width clients' are kept: the teacher reads the experts' heads on
+        the global model's features, and only those clients took their prototypes under that
+        model; a sub-model's features are another function of the image, whatever their
+        width (measured: with them, the multi-round teacher fell below its prior)."""
         super().keep_replies(server_round, accepted)
+        global_only = self.slicer is not None and self.cfg.meta_features == "global"
         for entry in accepted:
             prototypes = entry.reply.prototypes
-            if prototypes is not None:
+            if prototypes is not None and not (global_only and entry.reply.width != 1.0):
                 features = self.full_size_features(server_round, prototypes.features, entry)
                 self.bank.add(server_round, features, prototypes.classes)
 
