@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Message
 from common.models import build_classifier
 from common.tiers import assign_widths, parse_width_tiers
 from common.wire import ARRAYS, CLIENT, state_to_record
+from server_app.checkpoint import load_checkpoint
 from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
 from tests.runs import NUM_NODES, assert_same_state, error_reply, final_model, read_json, run
 
@@ -149,3 +150,14 @@ def test_a_client_that_changes_its_width_is_refused(data_root, tmp_path) -> None
     participation = read_json(folder, "participation.json")
     assert participation["1"]["rejected"] == {}
     assert participation["2"]["rejected"] == {str(small): "width-changed"}
+
+
+def test_reading_the_global_features_keeps_only_full_width_prototypes(data_root, tmp_path) -> None:
+    _, folder = run(
+        data_root, tmp_path, strategy="mosaic", width_tiers=TIERS, meta_features="global"
+    )
+    bank = load_checkpoint(folder)["strategy"]["prototype-bank"]
+    assert [len(entries) for entries in bank.values()] == [1]  # round 2: the one full client
+    _, everyone = run(data_root, tmp_path / "experts", strategy="mosaic", width_tiers=TIERS)
+    bank = load_checkpoint(everyone)["strategy"]["prototype-bank"]
+    assert sum(len(entries) for entries in bank.values()) > 1
