@@ -241,41 +241,41 @@ def tier_verdicts(records: Sequence[Record]) -> list[Verdict]:
             ),
         }
         for rival, runs in rivals.items():
-            name = f"{protocol} tiers: Mosaic ≥ {rival} + {TIER_LEAD_POINTS:.0f} points"
-            pair = _paired(mosaic, runs, final, final)
-            if pair is None:
-                verdicts.append(Verdict(name, "-", "not run"))
-                continue
-            seeds, ours, theirs = pair
             verdicts.append(
-                Verdict(
-                    name,
-                    f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}, {_seeds(seeds)})",
-                    _met(ours - theirs >= TIER_LEAD_POINTS),
+                _lead(
+                    f"{protocol} tiers: Mosaic ≥ {rival} + {TIER_LEAD_POINTS:.0f} points",
+                    _paired(mosaic, runs, final, final),
+                    TIER_LEAD_POINTS,
                 )
             )
         for width in ("0.5", "0.25"):
             alone = _ok(
                 records, strategy="fedavg-exclusive", variant=f"tier-{width}-alone", **setting
             )
-            name = f"{protocol} tiers: Mosaic's width-{width} sub-model above that tier alone"
 
             def sub_model(record: Record, width: str = width) -> float | None:
                 return (record.get("sub_model_accuracy") or {}).get(width)
 
-            pair = _paired(mosaic, alone, sub_model, sub_model)
-            if pair is None:
-                verdicts.append(Verdict(name, "-", "not run"))
-                continue
-            seeds, ours, theirs = pair
             verdicts.append(
-                Verdict(
-                    name,
-                    f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}, {_seeds(seeds)})",
-                    _met(ours > theirs),
+                _lead(
+                    f"{protocol} tiers: Mosaic's width-{width} sub-model above that tier alone",
+                    _paired(mosaic, alone, sub_model, sub_model),
+                    1e-6,
                 )
             )
     return verdicts
+
+
+def _lead(name: str, pair: tuple[list[int], float, float] | None, points: float) -> Verdict:
+    """Ours at least ``points`` above theirs, from :func:`_paired`."""
+    if pair is None:
+        return Verdict(name, "-", "not run")
+    seeds, ours, theirs = pair
+    return Verdict(
+        name,
+        f"{ours:.2f} vs {theirs:.2f} ({ours - theirs:+.2f}, {_seeds(seeds)})",
+        _met(ours - theirs >= points),
+    )
 
 
 def quick_suite_verdict(records: Sequence[Record]) -> Verdict:
