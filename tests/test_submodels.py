@@ -8,15 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError
+from common.config import ConfigError, pyproject_defaults
 from common.models import GeneratorSpec, build_generator
 from common.submodels import SlicedView, WidthSlicer, average_covered
 from common.tiers import assign_widths, node_width, parse_width_tiers
-from common.wire import MalformedReplyError, TierShapes, pack_train_reply, state_signature
+from common.wire import (
+    MalformedReplyError,
+    TierShapes,
+    TrainReply,
+    pack_train_reply,
+    record_to_state,
+    state_signature,
+)
 from common.wire import validate_train_reply as validate
 from server_app.moe import build_experts
 from server_app.strategies import validate_run_config
+from server_app.strategies.base import Accepted
 from tests.fakedata import PYPROJECT
+from tests.runs import build_strategy
 
 IMAGE = (1, 28, 28)
 
@@ -143,6 +152,36 @@ def test_experts_average_each_coordinate_over_the_holders_of_the_class_that_trai
     assert torch.equal(experts[1][w], full_client[w])
 
 
+def test_batchnorm_statistics_are_kept_per_tier_and_each_width_is_sent_its_own() -> None:
+    cfg = validate_run_config(
+        {**pyproject_defaults(PYPROJECT), "strategy": "fedavg", "width-tiers": "1:1,0.5:1,0.25:1"}
+    )
+    strategy = build_strategy(cfg)
+    slicer = strategy.slicer
+    rates = (1.0, 0.5, 0.25)
+    states = [_randomised(slicer.template(rate), 20 + i) for i, rate in enumerate(rates)]
+    accepted = [
+        Accepted(node, None, TrainReply(state, node, rate, 100, 0.0, [10] * 10, None, None))
+        for node, (rate, state) in enumerate(zip(rates, states, strict=True))
+    ]
+    arrays = strategy.average_sub_models(1, accepted, [None] * 3)
+    average = record_to_state(arrays)
+    mean, w = "body.1.running_mean", "body.0.weight"
+    # weights: the plain mean of the three on the quarter window, the full client's beyond
+    torch.testing.assert_close(average[w][:8], sum(state[w][:8] for state in states) / 3)
+    assert torch.equal(average[w][16:], states[0][w][16:])
+    # statistics: the global model's are the full tier's alone, never mixed across widths
+    assert torch.equal(average[mean], states[0][mean])
+    half = strategy.tier_statistics[0.5]
+    assert torch.equal(half[mean][:16], states[1][mean])
+    assert torch.equal(half[mean][16:], states[0][mean][16:])  # no half client: the average's
+    # what a half-width node is sent and evaluated with: the shared weights, its tier's statistics
+    strategy._sent_state = average
+    sent = strategy.sent_slice(2, 0.5)
+    assert torch.equal(sent[mean], states[1][mean])
+    assert torch.equal(sent[w], average[w][:16])
+
+
 def test_tier_rule_assigns_exact_counts_reproducibly_and_scales_to_other_sizes() -> None:
     tiers = parse_width_tiers("1:4,0.5:3,0.25:3")
     widths = assign_widths(tiers, 10, seed=0)
@@ -182,8 +221,6 @@ def test_node_config_width_overrides_the_rule_and_must_be_one_of_its_rates() -> 
     ],
 )
 def test_impossible_tier_configs_fail_naming_the_key(overrides, key) -> None:
-    from common.config import pyproject_defaults
-
     with pytest.raises(ConfigError, match=rf"\n  {key}:"):
         validate_run_config({**pyproject_defaults(PYPROJECT), **overrides})
 

@@ -18,7 +18,10 @@ Width tiers (``width-tiers``): clients train width sub-models of the global mode
 (``common.submodels``). Each reply declares its width and is checked against that width's
 shapes; a node whose width is known is sent only its slice; the round's average is taken per
 coordinate over the clients that hold it (HeteroFL; FedRolex with ``width-scheme = rolling``),
-BatchNorm statistics included, and coordinates no client held keep their value.
+and coordinates no client held keep their value. BatchNorm running statistics are kept per
+tier (:meth:`CheckedFedAvg.keep_tier_statistics`): a channel's statistics in a 1/4-width
+network are not those of the same channel in the full network (it sums a quarter of the
+inputs), so each tier's sub-model is sent, evaluated and distilled with its own tier's.
 
 Resume: ``state_dict``/``load_state_dict`` carry what a strategy learned across a restart.
 Flower's ``start`` counts rounds from 1; :meth:`CheckedFedAvg.run_round` turns that counter into
@@ -163,6 +166,9 @@ class CheckedFedAvg(FedAvg):
                         else None,
                     )
         self.node_widths: dict[int, float] = {}  # node id -> the width its replies declare
+        # width -> full-size running statistics averaged over that tier's clients only
+        self.tier_statistics: dict[float, dict[str, torch.Tensor]] = {}
+        self._statistic_keys = [key for key, _ in template.named_buffers()]
         self.partition_widths: dict[int, float] = {}  # partition id -> its declared width
         self.rounds: dict[int, RoundLog] = {}
         self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
@@ -246,7 +252,8 @@ class CheckedFedAvg(FedAvg):
             if rate == 1.0:
                 continue
             if rate not in slices:
-                slices[rate] = state_to_record(self.slicer.slice(self._sent_state, rate, start))
+                sub = self.slicer.slice(self.at_tier(self._sent_state, rate), rate, start)
+                slices[rate] = state_to_record(sub)
             config = message.content[self.configrecord_key]
             message.content = RecordDict(
                 {self.arrayrecord_key: slices[rate], self.configrecord_key: config}
@@ -341,7 +348,8 @@ class CheckedFedAvg(FedAvg):
             raise RuntimeError("the round's global model was not kept")
         if self.slicer is None or width == 1.0:
             return self._sent_state
-        return self.slicer.slice(self._sent_state, width, self.slicer.window_start(server_round))
+        start = self.slicer.window_start(server_round)
+        return self.slicer.slice(self.at_tier(self._sent_state, width), width, start)
 
     def full_size_states(
         self, server_round: int, accepted: list[Accepted], base: Mapping[str, torch.Tensor]
@@ -432,14 +440,48 @@ class CheckedFedAvg(FedAvg):
     ) -> ArrayRecord:
         """FedAvg per coordinate across widths (HeteroFL / FedRolex): each coordinate is the
         sample-weighted mean over the clients that held it, and keeps the sent value where none
-        did. BatchNorm running statistics are averaged the same way, as the weights they belong
-        to (the experts and the generators' inversion term read them)."""
+        did. The global model's BatchNorm statistics are the full-width tier's (see
+        :meth:`keep_tier_statistics`)."""
         base = self._sent_state if self._sent_state is not None else self.template.state_dict()
         states, masks = self.full_size_states(server_round, accepted, base)
         weights = [
             size or entry.reply.num_examples for size, entry in zip(sizes, accepted, strict=True)
         ]
-        return state_to_record(average_covered(states, masks or [], weights, base))
+        average = average_covered(states, masks or [], weights, base)
+        self.keep_tier_statistics(accepted, states, masks or [], weights, average)
+        return state_to_record(self.at_tier(average, 1.0))
+
+    def keep_tier_statistics(
+        self,
+        accepted: list[Accepted],
+        states: list[dict[str, torch.Tensor]],
+        masks: list[dict[str, torch.Tensor]],
+        weights: list[int],
+        average: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Each tier's BatchNorm running statistics, averaged per coordinate over that tier's
+        clients only (static BatchNorm per width, as HeteroFL's sBN keeps statistics out of the
+        shared average). A channel of a 1/4-width network sums a quarter of the inputs the same
+        channel sums at full width, so the two tiers' statistics differ; one average over both
+        normalises every width wrongly (measured in docs/results.md). Coordinates no client of
+        the tier held this round keep the tier's previous statistics, else ``average``'s."""
+        for rate in tier_rates(self.cfg.tiers):
+            of_tier = [i for i, entry in enumerate(accepted) if entry.reply.width == rate]
+            if not of_tier:
+                continue
+            previous = self.tier_statistics.get(rate, {})
+            fallback = {key: previous.get(key, average[key]) for key in self._statistic_keys}
+            self.tier_statistics[rate] = average_covered(
+                [states[i] for i in of_tier],
+                [masks[i] for i in of_tier],
+                [weights[i] for i in of_tier],
+                fallback,
+            )
+
+    def at_tier(self, state: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
+        """``state`` with the BatchNorm statistics of the tier at ``rate`` (unchanged when that
+        tier has none yet): what a sub-model of that width is sent and evaluated with."""
+        return {**state, **self.tier_statistics.get(rate, {})}
 
     def sub_model_metrics(self, model: Classifier) -> dict[str, float]:
         """With width tiers, each smaller tier's sub-model of ``model`` (the first units of
@@ -449,7 +491,7 @@ class CheckedFedAvg(FedAvg):
         metrics = {}
         for rate in self.sub_models:
             sub = copy.deepcopy(self.slicer.template(rate))
-            sub.load_state_dict(self.slicer.slice(model.state_dict(), rate))
+            sub.load_state_dict(self.slicer.slice(self.at_tier(model.state_dict(), rate), rate))
             for key, value in self.evaluate_model(sub).items():
                 metrics[f"width-{rate:g}-{key}"] = value
         return metrics
@@ -516,6 +558,7 @@ class CheckedFedAvg(FedAvg):
             "rounds": {r: asdict(round_log) for r, round_log in self.rounds.items()},
             "label-counts": dict(self.label_counts),
             "widths": {"nodes": dict(self.node_widths), "partitions": dict(self.partition_widths)},
+            "tier-statistics": {rate: dict(state) for rate, state in self.tier_statistics.items()},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -524,6 +567,7 @@ class CheckedFedAvg(FedAvg):
         self.label_counts = dict(state["label-counts"])
         widths = state.get("widths", {"nodes": {}, "partitions": {}})  # absent: before tiers
         self.node_widths, self.partition_widths = dict(widths["nodes"]), dict(widths["partitions"])
+        self.tier_statistics = dict(state.get("tier-statistics", {}))
 
     def _model_of(self, arrays: ArrayRecord) -> Classifier:
         """The template architecture holding ``arrays``, in the template's dtypes."""
