@@ -24,6 +24,7 @@ from common.wire import validate_train_reply as validate
 from server_app.moe import build_experts
 from server_app.strategies import validate_run_config
 from server_app.strategies.base import Accepted
+from server_app.strategies.teacher import with_statistics
 from tests.fakedata import PYPROJECT
 from tests.runs import build_strategy
 
@@ -303,3 +304,18 @@ def test_a_sliced_view_computes_the_sub_model_and_trains_the_full_models_coordin
     view(x).square().sum().backward()
     grad = full.body[0].weight.grad
     assert grad[:8].abs().sum() > 0 and not grad[8:].any()  # only the slice's channels move
+
+
+def test_a_view_under_a_tiers_statistics_computes_that_tier_and_trains_the_shared_weights() -> None:
+    slicer = _slicer()
+    full = copy.deepcopy(slicer.full)
+    full.load_state_dict(_randomised(full, 11))
+    statistics = {k: v for k, v in _randomised(full, 12).items() if "running" in k or "num" in k}
+    view = SlicedView(slicer, with_statistics(full, statistics), 0.25)
+    sub = copy.deepcopy(slicer.template(0.25)).eval()
+    sub.load_state_dict(slicer.slice({**full.state_dict(), **statistics}, 0.25))
+    x = torch.randn(4, *IMAGE)
+    torch.testing.assert_close(view(x), sub(x))
+    assert not torch.equal(full.body[1].running_mean, statistics["body.1.running_mean"])
+    view(x).square().sum().backward()
+    assert full.body[0].weight.grad[:8].abs().sum() > 0  # the student's own weights learn

@@ -193,10 +193,17 @@ class TeacherStrategy(CheckedFedAvg):
 
     def sub_model_views(self, student: Classifier) -> list[SlicedView]:
         """With ``kd-sub-models`` and width tiers: each smaller tier's sub-model of the student
-        (the first units, as a node of that tier evaluates it), for distillation to train too."""
+        (the first units, as a node of that tier evaluates it, with that tier's BatchNorm
+        statistics), for distillation to train too."""
         if self.slicer is None or not self.cfg.kd_sub_models:
             return []
-        return [SlicedView(self.slicer, student, rate).to(self.device) for rate in self.sub_models]
+        views = []
+        for rate in self.sub_models:
+            full = student
+            if rate in self.tier_statistics:  # the statistics that width is evaluated with
+                full = with_statistics(student, self.tier_statistics[rate]).to(self.device)
+            views.append(SlicedView(self.slicer, full, rate))
+        return views
 
     def _student_metrics(self, student: Classifier) -> dict[str, float]:
         """The student on the test set, and each smaller tier's sub-model of it."""
@@ -254,3 +261,19 @@ class TeacherOnlyStrategy(TeacherStrategy):
     def teacher_rounds(self) -> list[int]:
         """Once, at kd-round (``kd-every`` moves nothing for a teacher that is not transferred)."""
         return [self.cfg.kd_round]
+
+
+def with_statistics(
+    model: torch.nn.Module, statistics: Mapping[str, torch.Tensor]
+) -> torch.nn.Module:
+    """A twin of ``model`` that holds ``model``'s own parameters (the same tensors, so a loss on
+    the twin's outputs trains ``model``) and ``statistics`` as its buffers: a width sub-model
+    distilled under its own tier's BatchNorm statistics while its weights stay the student's."""
+    twin = copy.deepcopy(model)
+    for name, parameter in model.named_parameters():
+        owner, _, attribute = name.rpartition(".")
+        setattr(twin.get_submodule(owner), attribute, parameter)
+    with torch.no_grad():
+        for name, buffer in twin.named_buffers():
+            buffer.copy_(statistics[name])
+    return twin
