@@ -37,7 +37,8 @@ from server_app.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from server_app.results import RunReport, RunResults
+from server_app.report_page import write_report_page
+from server_app.results import RunLog, RunReport, RunResults
 from server_app.strategies import STRATEGIES, CheckedFedAvg, validate_run_config
 from server_app.strategies.base import Evaluator
 from server_app.strategies.teacher import TeacherStrategy
@@ -145,14 +146,24 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg = validate_run_config(context.run_config)
     seed_everything(cfg.seed)
+    report = RunReport(results_root(cfg), cfg, dict(context.run_config))
+    with RunLog(report.folder):  # the log goes to run.log too, while this run lasts
+        run(grid, context, cfg, report)
+        report.add_phase_seconds("total", round(time.perf_counter() - started, 1))
+        _log_summary(cfg, report)
+        write_report_page(report.folder)
+
+
+def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None:
+    """Build the strategy (resuming it from a checkpoint when asked), run its rounds and write
+    the final model and pictures."""
     device = resolve_device(cfg.device)
+    log(INFO, "Results go to %s (device: %s)", report.folder, device)
     info = dataset_info(cfg.dataset)
     test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)
     template = build_classifier(
         cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
     )
-    report = RunReport(results_root(cfg), cfg, dict(context.run_config))
-    log(INFO, "Results go to %s (device: %s)", report.folder, device)
 
     def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
         result = evaluate(model, test_images, test_labels, device)
@@ -177,22 +188,19 @@ def main(grid: Grid, context: Context) -> None:
     )
     # Flower's result holds the last aggregated model: none when every round it ran was skipped.
     final_arrays = result.arrays if len(result.arrays) else initial_arrays
-    finish(report, strategy, record_to_state(final_arrays), seconds=time.perf_counter() - started)
+    finish(report, strategy, record_to_state(final_arrays))
 
 
-def finish(
-    report: RunReport, strategy: CheckedFedAvg, final_state: dict, *, seconds: float
-) -> None:
-    """Write the final model, the plots, the generators' samples, the phase times; log a summary."""
+def finish(report: RunReport, strategy: CheckedFedAvg, final_state: dict) -> None:
+    """Write the final model, the plots, the generators' samples and the time per phase."""
     report.write_model(final_state)
     report.plot_accuracy()
+    report.plot_partition(strategy.label_counts)
     if isinstance(strategy, TeacherStrategy) and strategy.generators:
         generators = {pid: strategy.generator_of(pid) for pid in strategy.generators}
         report.save_generator_samples(generators, strategy.info)
     for phase, phase_time in phase_seconds(strategy).items():
         report.add_phase_seconds(phase, phase_time)
-    report.add_phase_seconds("total", round(seconds, 1))
-    _log_summary(strategy.cfg, report)
 
 
 def resume(

@@ -2,16 +2,22 @@
 
 ``<results-dir>/<run-name>/`` holds ``config.json`` (the run config), ``metrics.json`` (per
 round: test accuracy and loss, wall time, replies; at a teacher round its figures; and wall time
-per phase), ``participation.json`` (per round: who was sampled, replied, failed, was rejected
-and why, bytes per node and record), ``label_counts.json`` (per client), ``final_model.pt`` (a
-plain state dict), ``accuracy.png`` and ``generator_samples/``. :class:`RunReport` writes them
-(every file is rewritten after each round, so a run that stops early still leaves its history);
+per phase) and the same rounds as ``metrics.csv`` (one row per round, for a spreadsheet or
+pandas), ``participation.json`` (per round: who was sampled, replied, failed, was rejected
+and why, bytes per node and record), ``label_counts.json`` (per client) and its picture
+``partition.png``, ``run.log`` (the ServerApp's log), ``final_model.pt`` (a plain state dict),
+``accuracy.png``, ``generator_samples/`` and ``report.html`` (all of it on one page,
+:mod:`server_app.report_page`). :class:`RunReport` writes them (every file but the pictures and
+the page is rewritten after each round, so a run that stops early still leaves its history);
 :class:`RunResults` reads them back for the launchers' reports and the benchmark records.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -37,14 +43,64 @@ CONFIG, METRICS, PARTICIPATION, LABEL_COUNTS, FINAL_MODEL = (
     "label_counts.json",
     "final_model.pt",
 )
+METRICS_CSV, RUN_LOG, PARTITION_PICTURE, ACCURACY_PICTURE = (
+    "metrics.csv",
+    "run.log",
+    "partition.png",
+    "accuracy.png",
+)
 TEACHER_FIGURES = ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy")
 
 
 def _write_json(path: Path, payload: Any) -> None:
+    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def write_atomically(path: Path, text: str) -> None:
     """Write then rename, so a reader never sees half a file."""
     partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    partial.write_text(text)
     os.replace(partial, path)
+
+
+def metrics_csv(rounds: Mapping[int, Mapping[str, Any]]) -> str:
+    """One row per round (``round`` first, then every scalar recorded in any round, sorted by
+    name; empty where a round has none): the per-round metrics as a table."""
+    columns = sorted(
+        {key for values in rounds.values() for key, v in values.items() if _is_scalar(v)}
+    )
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["round", *columns])
+    for server_round, values in sorted(rounds.items()):
+        writer.writerow([server_round, *(_cell(values.get(key)) for key in columns)])
+    return out.getvalue()
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str | bool)
+
+
+def _cell(value: Any) -> Any:
+    return value if value is None or _is_scalar(value) else ""
+
+
+class RunLog:
+    """The ServerApp's log (Flower's ``flwr`` logger, which the strategies log to) copied into
+    ``run.log`` in the results folder while the run lasts, appended to on resume."""
+
+    def __init__(self, folder: Path) -> None:
+        self.handler = logging.FileHandler(folder / RUN_LOG, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger = logging.getLogger("flwr")
+
+    def __enter__(self) -> RunLog:
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
 
 
 class RunReport:
@@ -87,6 +143,7 @@ class RunReport:
                 "phase-seconds": self.phases,
             },
         )
+        write_atomically(self.folder / METRICS_CSV, metrics_csv(self.rounds))
 
     def write_label_counts(self, label_counts: dict[int, list[int]]) -> None:
         _write_json(
@@ -106,8 +163,35 @@ class RunReport:
         torch.save({k: v.cpu() for k, v in state.items()}, path)
         return path
 
+    def plot_partition(self, label_counts: Mapping[int, list[int]]) -> Path | None:
+        """``partition.png``: each client's samples per class, stacked (how skewed the split is
+        at a glance); None before any client reported its counts."""
+        if not label_counts:
+            return None
+        path = self.folder / PARTITION_PICTURE
+        clients = sorted(label_counts)
+        num_classes = max(len(counts) for counts in label_counts.values())
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(clients) + 1.5))
+        left = [0] * len(clients)
+        colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+        for c in range(num_classes):
+            widths = [label_counts[k][c] if c < len(label_counts[k]) else 0 for k in clients]
+            ax.barh(
+                [str(k) for k in clients], widths, left=left, color=colours(c % 20), label=str(c)
+            )
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.set_xlabel("training samples")
+        ax.set_ylabel("client (partition id)")
+        ax.set_title(f"label counts per client ({self.cfg.partitioning}, alpha={self.cfg.alpha})")
+        ax.invert_yaxis()
+        ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
     def plot_accuracy(self) -> Path:
-        path = self.folder / "accuracy.png"
+        path = self.folder / ACCURACY_PICTURE
         rounds = sorted(r for r, v in self.rounds.items() if "accuracy" in v)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(

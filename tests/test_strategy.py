@@ -1,5 +1,6 @@
 """Whole runs of the real ServerApp main loop against in-process ClientApps, on fake data."""
 
+import csv
 import time
 from pathlib import Path
 
@@ -88,6 +89,25 @@ def test_mosaic_run_writes_the_results_folder(mosaic_run, data_root) -> None:
         assert (folder / name).stat().st_size > 0, name
     samples = sorted(p.name for p in (folder / "generator_samples").iterdir())
     assert samples == [f"client-{i}.png" for i in range(NUM_NODES)]
+
+
+def test_mosaic_run_leaves_a_log_a_table_a_partition_picture_and_a_page(mosaic_run) -> None:
+    _, folder = mosaic_run
+    log_text = (folder / "run.log").read_text()
+    assert "Results go to" in log_text and "final test accuracy" in log_text
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    metrics = read_json(folder, "metrics.json")["rounds"]
+    assert [row["round"] for row in rows] == sorted(metrics, key=int)
+    assert float(rows[-1]["accuracy"]) == metrics[rows[-1]["round"]]["accuracy"]
+    assert "teacher-accuracy" in rows[0]  # a teacher round's figures are columns too
+    assert (folder / "partition.png").read_bytes().startswith(b"\x89PNG")
+    page = (folder / "report.html").read_text()
+    final = metrics[rows[-1]["round"]]["accuracy"]
+    assert f"{final:.4f}" in page and "teacher-accuracy" in page
+    assert page.count("data:image/png;base64,") == 2 + NUM_NODES  # curve, split, samples
+    # self-contained: no script and nothing fetched from anywhere
+    assert "<script" not in page and "http" not in page and 'src="/' not in page
+    assert "<td class=key>strategy</td><td>mosaic</td>" in page
 
 
 def test_mosaic_metrics_cover_every_round_and_the_kd_figures(mosaic_run) -> None:
