@@ -41,6 +41,7 @@ th { background: #f3f3f3; } td.key, th.key { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; }
 .samples img { width: 14em; margin: 0.3em; image-rendering: pixelated; }
 .note { color: #666; font-size: 0.9em; }
+.wide { overflow-x: auto; }
 """
 
 
@@ -75,7 +76,7 @@ def report_page(folder: Path) -> str:
         _section("Refused and failed replies", _refusals(results.participation)),
         _section("Wall time per phase", _phases_table(results.phase_seconds)),
         _section("Generator samples", _samples(folder / "generator_samples")),
-        _section("Run config", _table(["key", "value"], sorted(config.items()), keys=1)),
+        _section("Run config", _table(["key", "value"], sorted(config.items()), keys=2)),
         "</body></html>",
     ]
     return "\n".join(part for part in parts if part)
@@ -123,7 +124,7 @@ def _rounds_table(rounds: Mapping[int, Mapping[str, Any]]) -> str:
     columns = [c for c in ROUND_COLUMNS if c in scalars]
     columns += sorted(scalars - set(columns))
     rows = [[r, *(_number(values.get(c)) for c in columns)] for r, values in sorted(rounds.items())]
-    return _table(["round", *columns], rows)
+    return f'<div class="wide">{_table(["round", *columns], rows)}</div>'
 
 
 def _refusals(participation: Mapping[int, Mapping[str, Any]]) -> str:

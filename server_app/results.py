@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the ServerApp has no display
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
 from common.config import RunConfig
@@ -171,7 +172,7 @@ class RunReport:
         path = self.folder / PARTITION_PICTURE
         clients = sorted(label_counts)
         num_classes = max(len(counts) for counts in label_counts.values())
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(clients) + 1.5))
+        fig, ax = plt.subplots(figsize=(7, max(3.5, 0.35 * len(clients) + 1.5)))
         left = [0] * len(clients)
         colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
         for c in range(num_classes):
@@ -214,6 +215,7 @@ class RunReport:
                 label="before distillation",
             )
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{self.cfg.dataset}, {self.cfg.partitioning} alpha={self.cfg.alpha}")
         ax.grid(alpha=0.3)
