@@ -6,7 +6,7 @@ tier's sub-model, the teacher's figures, traffic, wall time), the accuracy curve
 picture, every round's metrics, what was refused or failed and why, the generators' samples,
 and the run config. Pictures are embedded as base64 PNGs; the page has no scripts. It is built
 from the files :class:`server_app.results.RunReport` wrote, so it can be rebuilt for any
-finished folder (``python -m server_app.report_page <folder>``).
+finished folder (``mosaic-report <folder>``, or ``python -m server_app.report_page <folder>``).
 """
 
 from __future__ import annotations
@@ -195,6 +195,12 @@ def _text(value: str) -> str:
     return html.escape(value, quote=True)
 
 
-if __name__ == "__main__":
-    for argument in sys.argv[1:] or ["."]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild ``report.html`` in each results folder named (default: the current one)."""
+    for argument in (sys.argv[1:] if argv is None else argv) or ["."]:
         print(write_report_page(Path(argument)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,9 +33,14 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
-from common.config import RunConfig
-from common.data import DatasetInfo, classifier_input_to_pixels, generator_to_classifier_input
-from common.models import Generator
+from common.config import RunConfig, parse_run_config
+from common.data import (
+    DatasetInfo,
+    classifier_input_to_pixels,
+    dataset_info,
+    generator_to_classifier_input,
+)
+from common.models import Classifier, Generator, build_classifier
 
 CONFIG, METRICS, PARTICIPATION, LABEL_COUNTS, FINAL_MODEL = (
     "config.json",
@@ -315,3 +320,19 @@ class RunResults:
         lines += [f"wall time, {phase}: {seconds:.1f} s" for phase, seconds in phases]
         lines.append(f"results: {self.folder}")
         return lines
+
+
+def load_model(folder: Path | str) -> Classifier:
+    """The final global model of a results folder, ready to use: the architecture its
+    ``config.json`` names (model, width, data set), holding ``final_model.pt``, in eval mode.
+
+    ``final_model.pt`` is a plain state dict, loaded with ``weights_only=True``, so a results
+    folder from elsewhere cannot run code."""
+    folder = Path(folder)
+    cfg = parse_run_config(json.loads((folder / CONFIG).read_text()))
+    info = dataset_info(cfg.dataset)
+    model = build_classifier(
+        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    )
+    model.load_state_dict(torch.load(folder / FINAL_MODEL, weights_only=True))
+    return model.eval()

@@ -13,6 +13,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 import client_app.app as client_module
 from common.wire import ARRAYS, LABEL_COUNTS, OPTIONAL_KEYS, REQUIRED_KEYS
+from server_app.results import load_model
 from tests.fakedata import write_fake_fashion_mnist
 from tests.runs import NUM_NODES, assert_same_state, error_reply, final_model, read_json, run
 
@@ -107,7 +108,14 @@ def test_mosaic_run_leaves_a_log_a_table_a_partition_picture_and_a_page(mosaic_r
     assert page.count("data:image/png;base64,") == 2 + NUM_NODES  # curve, split, samples
     # self-contained: no script and nothing fetched from anywhere
     assert "<script" not in page and "http" not in page and 'src="/' not in page
-    assert "<td class=key>strategy</td><td>mosaic</td>" in page
+    assert "<td class=key>strategy</td><td class=key>mosaic</td>" in page
+
+
+def test_load_model_gives_back_the_final_model_of_a_results_folder(mosaic_run) -> None:
+    _, folder = mosaic_run
+    model = load_model(folder)
+    assert not model.training
+    assert_same_state(model.state_dict(), final_model(folder))
 
 
 def test_mosaic_metrics_cover_every_round_and_the_kd_figures(mosaic_run) -> None:
