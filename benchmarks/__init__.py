@@ -254,6 +254,7 @@ ADDED_KEYS: dict[str, Any] = {
     "width-scheme": "static",
     "exclusive-width": 1.0,
     "kd-sub-models": False,
+    "partition-seed": -1,  # -1: the split follows seed, as it always did
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

@@ -139,9 +139,9 @@ def grid(
 def tier_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
     """The width-tier table of one protocol: FedAvg on the smallest model, exclusive FedAvg,
     HeteroFL (and FedRolex in multi-round), the teachers, FedDF, Mosaic (and in multi-round
-    Mosaic without its meta model), on FashionMNIST alpha 0.1 with 10 clients. Multi-round teacher methods run on
-    FedRolex's rolling slices (the paper builds on it); one-shot has one round, where rolling
-    is static."""
+    Mosaic without its meta model), on FashionMNIST alpha 0.1 with 10 clients. Multi-round
+    teacher methods run on FedRolex's rolling slices (the paper builds on it); one-shot has one
+    round, where rolling is static."""
     methods = [
         ("fedavg", "smallest"),
         ("fedavg-exclusive", "tiers"),

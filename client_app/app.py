@@ -59,7 +59,7 @@ def _identity(context: Context) -> tuple[int, int]:
 def _width(cfg: RunConfig, context: Context) -> float:
     """The capacity rate this node trains at (``width-tiers``, or its node config's ``width``)."""
     partition_id, num_partitions = _identity(context)
-    return node_width(cfg.tiers, context.node_config, partition_id, num_partitions, cfg.seed)
+    return node_width(cfg.tiers, context.node_config, partition_id, num_partitions, cfg.data_seed)
 
 
 def _model_from(
@@ -106,7 +106,7 @@ def _local_data(cfg: RunConfig, context: Context) -> tuple[torch.Tensor, torch.T
         alpha=cfg.alpha,
         classes_per_partition=cfg.classes_per_client,
         min_partition_size=cfg.min_partition_size,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
     )
     return images, labels, partition_id
 
@@ -180,7 +180,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = _identity(context)
     images, labels = load_dataset(cfg.dataset, data_root(cfg, context.node_config), train=False)
-    shard = partition_indices(labels.numpy(), num_partitions, "iid", seed=cfg.seed)[partition_id]
+    shards = partition_indices(labels.numpy(), num_partitions, "iid", seed=cfg.data_seed)
+    shard = shards[partition_id]
     model = _model_from(cfg, msg, _width(cfg, context), window_start=0)
     result = evaluate(model, images[shard], labels[shard], resolve_device(cfg.device))
     metrics = MetricRecord(

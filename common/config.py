@@ -240,6 +240,7 @@ class RunConfig(BaseModel):
     # --- run --------------------------------------------------------------------------------
     strategy: Strategy
     seed: int = Field(ge=0, le=2**32 - 1)
+    partition_seed: int = Field(ge=-1, le=2**32 - 1)  # -1: the same as seed (data_seed)
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     results_dir: str  # "" -> common.paths.results_root; an absolute path is safest
     # a plain folder name under results-dir: no "/", and not "." or ".." or any other dot-name
@@ -353,6 +354,12 @@ class RunConfig(BaseModel):
                 "run could start with too few nodes to ever complete a round"
             )
         return self
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data split and of who runs which tier: ``partition-seed``, or
+        ``seed`` when that is -1. Separate, so one split can be trained with several seeds."""
+        return self.seed if self.partition_seed < 0 else self.partition_seed
 
     @property
     def tiers(self) -> Tiers:

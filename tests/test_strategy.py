@@ -373,6 +373,20 @@ def test_another_seed_gives_another_model(data_root, tmp_path) -> None:
     assert any(not torch.equal(t, second_state[k]) for k, t in first_state.items())
 
 
+def test_partition_seed_keeps_the_split_while_the_training_seed_changes(
+    data_root, tmp_path
+) -> None:
+    def fedavg(name: str, **seeds) -> tuple[dict, dict]:
+        _, folder = run(data_root, tmp_path / name, strategy="fedavg", num_rounds=1, **seeds)
+        return read_json(folder, "label_counts.json"), final_model(folder)
+
+    counts, model = fedavg("a", seed=1, partition_seed=7)
+    same_split, other_model = fedavg("b", seed=2, partition_seed=7)
+    split_of_seed_1, _ = fedavg("c", seed=1)  # partition-seed -1: the split follows seed
+    assert counts == same_split and counts != split_of_seed_1
+    assert any(not torch.equal(t, other_model[k]) for k, t in model.items())
+
+
 def test_a_malformed_evaluate_reply_is_rejected_and_logged(data_root, tmp_path) -> None:
     def nan_accuracy(node_id: int, reply: Message) -> Message:
         if node_id == 3 and reply.metadata.message_type == "evaluate":
