@@ -30,6 +30,7 @@ Examples::
     python -m benchmarks.speed --part run --profile conf/quick.toml --clients 3
     python -m benchmarks.speed --part teacher kd --kd-clients 10 30 100
     python -m benchmarks.speed --part scale --scale-clients 10 30 100 --set num-rounds=3 ...
+    python -m benchmarks.speed --part tiers                # a client's time per width tier
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -155,6 +157,62 @@ def part_run(args: argparse.Namespace) -> None:
         print(f"  {name:<58} {seconds:8.1f} s  {100 * seconds / mosaic['total']:5.1f} %")
     ratio = mosaic["total"] / runs["fedavg"]["total"]
     print(f"\nMosaic / FedAvg wall time: {ratio:.2f}x (target: at most 2x)")
+
+
+# --- tiers: a client's time per width tier -------------------------------------------------
+def part_tiers(args: argparse.Namespace) -> None:
+    """What one client of each tier spends on a round's local training (``local-steps`` SGD
+    steps) and on its generator (``gen-steps``, at its tier's generator size), on the
+    default profile's FashionMNIST-shaped inputs. Random pixels: the time does not depend on
+    what the images show."""
+    from common.config import load_profile, pyproject_defaults
+    from common.data import dataset_info, generator_to_classifier_input
+    from common.generator import train_generator
+    from common.models import GeneratorSpec, build_classifier
+    from common.tiers import parse_width_tiers, tier_rates
+    from common.train import train_local
+
+    cfg = load_profile(args.profile, pyproject_defaults(REPO / "pyproject.toml"))
+    info = dataset_info(cfg.dataset)
+    device = torch.device(args.device)
+    images = torch.randn(2_000, *info.image_shape)
+    labels = torch.randint(0, info.num_classes, (2_000,))
+    local = cfg.local_training(len(labels), cfg.lr, 0.0)
+    settings = replace(cfg.generator_training, steps=args.tier_gen_steps)
+    print(
+        f"\n## One client's time per width tier ({cfg.model}, {local.steps} local steps, "
+        f"{settings.steps} generator steps, {_where(args.device)})"
+    )
+    print("| width | parameters | local training s | generator s | generator values |")
+    print("| --- | --- | --- | --- | --- |")
+    for rate in tier_rates(parse_width_tiers(args.tiers)):
+        torch.manual_seed(0)
+        model = build_classifier(
+            cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=rate
+        ).to(device)
+        started = time.perf_counter()
+        train_local(model, images, labels, local, device=device, seed=0)
+        _synchronize(device)
+        local_seconds = time.perf_counter() - started
+        spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels).at_rate(rate)
+        started = time.perf_counter()
+        trained = train_generator(
+            model,
+            images,
+            settings,
+            spec=spec,
+            to_input=lambda x: generator_to_classifier_input(x, info),
+            label_counts=[200] * info.num_classes,
+            device=device,
+        )
+        _synchronize(device)
+        generator_seconds = time.perf_counter() - started
+        size = sum(t.numel() for t in trained.generator.state_dict().values())
+        parameters = sum(p.numel() for p in model.parameters())
+        print(
+            f"| {rate:g} | {parameters:,} | {local_seconds:.2f} | {generator_seconds:.2f} "
+            f"| {size:,} |"
+        )
 
 
 # --- scale: one run per client count --------------------------------------------------------
@@ -385,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--part",
         nargs="+",
-        choices=["run", "teacher", "kd", "scale"],
+        choices=["run", "teacher", "kd", "scale", "tiers"],
         default=["run", "teacher", "kd"],
     )
     parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
@@ -409,12 +467,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=["experts", "global"],
     )
     parser.add_argument("--scale-clients", type=int, nargs="+", default=[10, 30, 100])
+    parser.add_argument("--tiers", default="1:4,0.5:3,0.25:3", help="tiers part: the widths")
+    parser.add_argument("--tier-gen-steps", type=int, default=100, help="tiers part")
     parser.add_argument("--kd-steps", type=int, default=300)
     parser.add_argument("--batch-per-generator", type=int, default=32)
     parser.add_argument("--pool", type=int, default=30, help="batches labelled, with the pool")
     parser.add_argument("--probe-steps", type=int, default=2, help="steps measured per case")
     args = parser.parse_args(argv)
-    parts = {"run": part_run, "teacher": part_teacher, "kd": part_kd, "scale": part_scale}
+    parts = {
+        "run": part_run,
+        "teacher": part_teacher,
+        "kd": part_kd,
+        "scale": part_scale,
+        "tiers": part_tiers,
+    }
     for part in args.part:
         parts[part](args)
     return 0

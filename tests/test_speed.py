@@ -12,6 +12,7 @@ from benchmarks.speed import (
     StackedSmallCNN,
     client_models,
     kd_parts,
+    main,
     profile_rows,
     timed_client_calls,
 )
@@ -54,3 +55,12 @@ def test_the_kd_probe_times_labelling_and_student_steps(meta_features: str) -> N
     parts = kd_parts(clients=2, steps=1, batch_per_generator=2, meta_features=meta_features)
     assert set(parts) == {"all: labelling", "all: student", "ten: labelling", "ten: student"}
     assert all(seconds > 0 for seconds in parts.values())
+
+
+def test_the_tiers_part_times_one_client_of_every_width(capsys) -> None:
+    main(["--part", "tiers", "--profile", "conf/quick.toml", "--tier-gen-steps", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    widths = [
+        line.split("|")[1].strip() for line in lines if line.startswith("| ") and "---" not in line
+    ]
+    assert widths == ["width", "1", "0.5", "0.25"]  # the header, then the tiers widest first
