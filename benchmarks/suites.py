@@ -61,6 +61,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "": {},
     "tiers": {"width-tiers": TIERS, "width-scheme": "static"},
     "tiers-rolling": {"width-tiers": TIERS, "width-scheme": "rolling"},
+    # Distilled again after every round from the kd-round on (kd-every 1): FedRolex's later
+    # rounds otherwise take back most of what one distillation gave (docs/results.md).
+    "tiers-rolling-redistilled": {"width-tiers": TIERS, "width-scheme": "rolling", "kd-every": 1},
     "smallest": {"model-width": 0.25},
     "tier-0.5-alone": {"width-tiers": TIERS, "exclusive-width": 0.5},
     "tier-0.25-alone": {"width-tiers": TIERS, "exclusive-width": 0.25},
@@ -159,6 +162,8 @@ def tier_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
     if protocol == "one-shot":
         teachers.remove("mosaic-no-meta")
     methods += [(strategy, tiers) for strategy in teachers]
+    if protocol == "multi-round":
+        methods += [(s, "tiers-rolling-redistilled") for s in ("feddf", "mosaic-no-meta")]
     return [
         Cell("fashion-mnist", 0.1, 10, protocol, strategy, seed, variant)
         for strategy, variant in methods
