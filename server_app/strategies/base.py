@@ -245,15 +245,13 @@ class CheckedFedAvg(FedAvg):
         a node not heard from yet gets the full model and cuts its slice itself."""
         if self.slicer is None or self._sent_state is None:
             return
-        start = self.slicer.window_start(server_round)
         slices: dict[float, ArrayRecord] = {}
         for message in messages:
             rate = self.node_widths.get(message.metadata.dst_node_id, 1.0)
             if rate == 1.0:
                 continue
             if rate not in slices:
-                sub = self.slicer.slice(self.at_tier(self._sent_state, rate), rate, start)
-                slices[rate] = state_to_record(sub)
+                slices[rate] = state_to_record(self.sent_slice(server_round, rate))
             config = message.content[self.configrecord_key]
             message.content = RecordDict(
                 {self.arrayrecord_key: slices[rate], self.configrecord_key: config}
