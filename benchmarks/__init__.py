@@ -245,6 +245,7 @@ ADDED_KEYS: dict[str, Any] = {
     "meta-features": "experts",
     "max-update-ratio": 0.0,
     "max-weight-ratio": 0.0,
+    "min-claim-agreement": 0.0,
     "aggregation": "mean",
     "trim-fraction": 0.2,
     "krum-malicious": 1,

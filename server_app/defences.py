@@ -10,6 +10,9 @@ This module holds those checks as pure functions; the strategies call them
 Always on (they never fire on an honest run): partition ownership, unchanged label counts, a
 finite aggregate. Options (``max-update-ratio``, ``max-weight-ratio``; 0 turns them off): they
 bound a client against the round's median, which also moves honest outliers under strong skew.
+``min-claim-agreement`` (0: off) checks label counts against the models themselves: the server
+holds every client's classifier and generator, so a claimed class must be one the claimant's
+model recognises on the other clients' generated samples (:func:`claim_scores`).
 """
 
 from __future__ import annotations
@@ -98,3 +101,60 @@ def computes_finite(model: nn.Module, probe: torch.Tensor) -> bool:
         return bool(torch.isfinite(model(probe.to(device))).all())
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def claim_scores(
+    outputs: Sequence[torch.Tensor],
+    owners: Sequence[int],
+    min_confidence: float = 0.9,
+    min_samples: int = 4,
+) -> np.ndarray:
+    """How well each client model tells each class apart on the other clients' generated samples.
+
+    ``outputs[g]`` is ``[n, K, C]``: the K client models' logits on generator ``g``'s n samples;
+    ``owners[g]`` is the index among the K of the model whose client trained that generator (-1:
+    none of them). The owner labels its generator's samples: a sample is of class c when the
+    owner gives c a probability of at least ``min_confidence``. On one generator, model i's
+    score for c is Youden's J: the share of the class-c samples it also labels c, minus the
+    share of the other labelled samples it labels c (so a model that calls everything c scores
+    0, as does one that never does); it needs ``min_samples`` of each. Returns ``[K, C]``: the
+    best score over the generators of other owners (so neither a client's own generator nor one
+    bad generator decides), NaN where no such generator gave enough samples.
+    """
+    if not outputs:
+        raise ValueError("claim_scores needs the outputs on at least one generator")
+    _, num_models, num_classes = outputs[0].shape
+    best = np.full((num_models, num_classes), np.nan)
+    classes = torch.arange(num_classes)
+    for logits, owner in zip(outputs, owners, strict=True):
+        if owner < 0:
+            continue
+        probabilities = logits[:, owner].float().softmax(-1)
+        confidence, labels = probabilities.max(-1)
+        labels = labels[confidence >= min_confidence].cpu()
+        calls = logits[confidence >= min_confidence].argmax(-1).cpu()  # [n', K]
+        is_class = labels[:, None] == classes[None, :]  # [n', C]
+        positives = is_class.sum(0)  # [C]
+        negatives = len(labels) - positives
+        called = calls[:, :, None] == classes[None, None, :]  # [n', K, C]
+        hits = (called & is_class[:, None, :]).sum(0).double()  # [K, C]
+        false_alarms = (called & ~is_class[:, None, :]).sum(0).double()
+        score = hits / positives.clamp(min=1) - false_alarms / negatives.clamp(min=1)
+        enough = ((positives >= min_samples) & (negatives >= min_samples)).expand_as(score)
+        score = torch.where(enough, score, torch.nan).numpy()
+        score[owner] = np.nan  # a generator never vouches for its own client
+        best = np.fmax(best, score)
+    return best
+
+
+def unsupported_claims(counts: np.ndarray, scores: np.ndarray, min_score: float) -> np.ndarray:
+    """Which label-count claims ``[clients, classes]`` the models do not back: a positive count
+    whose client scored under ``min_score`` on that class (:func:`claim_scores`). A claim
+    nothing could check (NaN) stands, and so do all claims of a class whose every claimant
+    failed: the evidence then says nothing about who holds it."""
+    claimed = counts > 0
+    refused = claimed & (scores < min_score)  # NaN compares False: unchecked claims stand
+    nobody_left = ~(claimed & ~refused).any(axis=0)
+    refused[:, nobody_left] = False
+    return refused

@@ -125,6 +125,17 @@ def _sample(generator: Generator, n: int, rng: torch.Generator) -> Tensor:
     return generator(latents)
 
 
+def draw_samples(generators: Sequence[Generator], n: int, seed: int) -> list[Tensor]:
+    """``n`` seeded images from each generator, drawn as distillation draws them (BatchNorm on
+    batch statistics), the generators left as found."""
+    if not generators:
+        return []
+    device = next(generators[0].parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad(), _sampling_with_batch_statistics(generators):
+        return [_sample(generator, n, rng) for generator in generators]
+
+
 def _share_agreeing(matches: Iterable[Tensor]) -> float:
     return torch.cat(list(matches)).float().mean().item()
 

@@ -130,6 +130,7 @@ OTHER_VALUES: dict[str, Any] = {
     "kd-sub-models": True,
     "max-update-ratio": 50.0,
     "max-weight-ratio": 50.0,
+    "min-claim-agreement": 0.5,
     "aggregation": "median",
     "trim-fraction": 0.1,
     "krum-malicious": 2,

@@ -1,23 +1,29 @@
 """Clients that stay inside the wire's rules: each attack is refused or bounded by a named rule."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Message, MetricRecord
 
+from common.config import parse_run_config
 from common.wire import ARRAYS, CLIENT, LABEL_COUNTS, METRICS
 from server_app.defences import (
     above_median,
     capped_sizes,
+    claim_scores,
     computes_finite,
     partition_claims,
     scale_counts,
+    unsupported_claims,
     update_norm,
 )
-from tests.fakedata import write_fake_fashion_mnist
-from tests.runs import assert_same_state, error_reply, final_model, read_json, run
+from server_app.strategies import teacher
+from server_app.strategies.base import RoundLog
+from tests.fakedata import tiny_run_config, write_fake_fashion_mnist
+from tests.runs import assert_same_state, build_strategy, error_reply, final_model, read_json, run
 
 FEDAVG_2_ROUNDS = {"strategy": "fedavg", "num_rounds": 2}
 MOSAIC_2_ROUNDS = {"strategy": "mosaic", "num_rounds": 2, "kd_round": 2, "proto_start_round": 1}
@@ -61,6 +67,75 @@ def test_update_norm_and_finite_outputs() -> None:
     with torch.no_grad():
         model.weight.fill_(3e38)
     assert not computes_finite(model, torch.ones(2, 3))
+
+
+def _calls(labels: list[int], num_classes: int = 4) -> torch.Tensor:
+    """Logits [n, C] that call sample j ``labels[j]`` with near certainty."""
+    return 20.0 * torch.nn.functional.one_hot(torch.tensor(labels), num_classes).float()
+
+
+def test_claim_scores_reward_telling_a_class_apart_and_ignore_a_clients_own_generator() -> None:
+    truth = [0] * 5 + [1] * 5 + [2] * 5  # generator 0's samples as its owner (model 0) calls them
+    honest = _calls(truth)
+    everything_is_2 = _calls([2] * 15)
+    shifted = _calls([(t + 1) % 4 for t in truth])
+    outputs = [torch.stack([honest, everything_is_2, shifted], dim=1)]  # [15, K=3, C=4]
+    scores = claim_scores(outputs, owners=[0], min_samples=4)
+    assert np.isnan(scores[0]).all()  # its own generator vouches for nothing
+    np.testing.assert_allclose(scores[1, :3], [0.0, 0.0, 0.0])  # calls all 2: no better than none
+    np.testing.assert_allclose(scores[2, :3], [0.0, -0.5, -0.5])  # misses each; 1 called for 0s
+    assert np.isnan(scores[:, 3]).all()  # no sample of class 3: nothing to say
+    # the best generator of another owner decides: a second, honest view lifts model 1's class 2
+    second = torch.stack([_calls(truth), _calls(truth), _calls(truth)], dim=1)
+    assert claim_scores([*outputs, second], owners=[0, 2])[1, 2] == 1.0
+
+
+def test_unbacked_claims_are_refused_unless_no_claimant_of_the_class_is_left() -> None:
+    counts = np.array([[50, 3, 0], [40, 7, 9], [60, 0, 2]])
+    scores = np.array([[0.9, 0.1, np.nan], [0.2, 0.8, 0.1], [0.95, np.nan, 0.0]])
+    refused = unsupported_claims(counts, scores, 0.5)
+    # client 1's class 0 goes; client 0's class 1 goes; class 2 has no claimant left: all stand
+    np.testing.assert_array_equal(
+        refused, [[False, True, False], [True, False, False], [False, False, False]]
+    )
+
+
+def test_a_flipped_model_loses_the_weight_of_the_classes_it_cannot_recognise(
+    tmp_path, monkeypatch
+) -> None:
+    """The server's check wired end to end, on crafted outputs: each generator's samples carry
+    their class, client 2's model calls every class the next one (trained on flipped labels)."""
+    cfg = tiny_run_config(tmp_path, tmp_path, strategy="feddf", min_claim_agreement=0.5)
+    strategy = build_strategy(parse_run_config(cfg))
+    truths = {0: [0] * 8 + [1] * 8 + [2] * 8, 1: [0] * 8 + [2] * 8, 2: [1] * 8 + [2] * 8}
+
+    def fake_models(states):
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            truth = images[:, 0].long().tolist()
+            flipped = [(t + 1) % 4 for t in truth]
+            return torch.stack([_calls(truth), _calls(truth), _calls(flipped)], dim=1)
+
+        return forward
+
+    monkeypatch.setattr(strategy, "client_models", fake_models)
+    monkeypatch.setattr(strategy, "generator_of", lambda pid: torch.nn.Identity())
+    monkeypatch.setattr(teacher, "generator_to_classifier_input", lambda x, info: x)
+    monkeypatch.setattr(
+        teacher,
+        "draw_samples",
+        lambda generators, n, seed: [
+            torch.tensor(truths[g], dtype=torch.float)[:, None] for g in truths
+        ],
+    )
+    strategy.generators = {pid: {} for pid in truths}
+    strategy.rounds[1] = RoundLog()
+    accepted = [SimpleNamespace(node=10 + p, reply=SimpleNamespace(partition_id=p)) for p in truths]
+    counts = np.array([[30, 30, 30, 0], [30, 0, 30, 0], [0, 30, 30, 0]])
+    backed = strategy.backed_counts(1, accepted, [{}] * 3, counts)
+    # client 2's own generator, labelled by its flipped model, cannot vouch for it, and the
+    # honest generators' samples show it calls 0s 1 and 1s 2: both its claims go
+    np.testing.assert_array_equal(backed, [[30, 30, 30, 0], [30, 0, 30, 0], [0, 0, 0, 0]])
+    assert strategy.rounds[1].bounded == {12: "label-claim-unbacked: classes [1, 2]"}
 
 
 # --- whole runs ------------------------------------------------------------------------------

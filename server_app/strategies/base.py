@@ -92,6 +92,7 @@ class RoundLog:
     replied: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    bounded: dict[int, str] = field(default_factory=dict)  # kept, with a rule limiting its say
     missing: list[int] = field(default_factory=list)  # sampled, no reply within the timeout
     skipped: str = ""  # why the round was skipped (fewer than min-replies accepted); "" if not
     partitions: dict[int, int] = field(default_factory=dict)  # node id -> partition id

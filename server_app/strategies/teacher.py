@@ -31,12 +31,13 @@ from common.data import generator_to_classifier_input
 from common.models import Classifier, Generator, build_generator
 from common.submodels import SlicedView
 from common.wire import Uploads, record_to_state, state_to_record
-from server_app.defences import computes_finite, scale_counts
-from server_app.distill import DistillResult, distill
+from server_app.defences import claim_scores, computes_finite, scale_counts, unsupported_claims
+from server_app.distill import DistillResult, distill, draw_samples
 from server_app.moe import ExpertEnsemble
 from server_app.strategies.base import Accepted, CheckedFedAvg
 
 Figures = dict[str, float]
+CLAIM_SAMPLES = 256  # images per generator that the label-claim check scores every model on
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class TeacherStrategy(CheckedFedAvg):
     """FedAvg rounds, a teacher built and transferred after each round of the kd schedule."""
 
     uploads = Uploads(generator=True)
-    reads = DISTILLATION_KEYS | GENERATOR_KEYS | {"kd-every"}
+    reads = DISTILLATION_KEYS | GENERATOR_KEYS | {"kd-every", "min-claim-agreement"}
     teacher_phase = "teacher"  # the name of the teacher's phase in the wall-time summary
 
     def __init__(self, cfg: RunConfig, *args, **kwargs) -> None:
@@ -139,6 +140,8 @@ class TeacherStrategy(CheckedFedAvg):
         global_state = record_to_state(arrays)
         zeros = {key: torch.zeros_like(tensor) for key, tensor in global_state.items()}
         states, masks = self.full_size_states(server_round, accepted, zeros)
+        if self.cfg.min_claim_agreement > 0:
+            counts = self.backed_counts(server_round, accepted, states, counts)
         clients = ClientModels(states, counts, masks, global_state if masks else None)
         student = copy.deepcopy(self.template)
         student.load_state_dict(global_state)
@@ -154,6 +157,38 @@ class TeacherStrategy(CheckedFedAvg):
             figures["student-rejected"] = 1.0
             return arrays
         return state_to_record(student.state_dict())
+
+    def backed_counts(
+        self,
+        server_round: int,
+        accepted: list[Accepted],
+        states: list[dict[str, torch.Tensor]],
+        counts: np.ndarray,
+    ) -> np.ndarray:
+        """``counts`` less the claims the clients' own models do not back
+        (``min-claim-agreement``): every generator's samples, labelled by their owner, are
+        scored by every accepted model (:func:`~server_app.defences.claim_scores`), and a class
+        a client claims but its model cannot tell apart weighs nothing in the experts and the
+        prior. Each such client is filed under the round's ``bounded`` with the classes."""
+        partitions = sorted(self.generators)
+        if not partitions:
+            return counts
+        position = {entry.reply.partition_id: i for i, entry in enumerate(accepted)}
+        generators = [self.generator_of(pid).to(self.device) for pid in partitions]
+        models = self.client_models(states)
+        with torch.no_grad():
+            outputs = [
+                models(generator_to_classifier_input(images, self.info))
+                for images in draw_samples(generators, CLAIM_SAMPLES, self.cfg.seed)
+            ]
+        scores = claim_scores(outputs, [position.get(pid, -1) for pid in partitions])
+        refused = unsupported_claims(counts, scores, self.cfg.min_claim_agreement)
+        for entry, classes in zip(accepted, refused, strict=True):
+            if classes.any():
+                rule = f"label-claim-unbacked: classes {np.flatnonzero(classes).tolist()}"
+                self.rounds[server_round].bounded[entry.node] = rule
+                log(WARNING, "round %d: node %d %s", server_round, entry.node, rule)
+        return np.where(refused, 0, counts)
 
     def teach(self, student: Classifier, clients: ClientModels) -> Figures:
         """Build the teacher, transfer it into ``student``; evaluate both, before and after.
