@@ -2,7 +2,8 @@
 
 ``flwr run`` starts a detached SuperLink that keeps running, with a SuperExec, the simulation
 process and Ray under it; killing the SuperLink alone leaves the rest. These helpers read the
-process table (Linux ``/proc``), walk trees and sessions, and stop what a run started.
+process table (``psutil``: Linux, macOS and Windows alike), walk trees and sessions (POSIX; on
+Windows parent links alone), and stop what a run started.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import signal
 import socket
 import sys
 import time
@@ -18,38 +18,45 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
+NO_SESSION = -1  # where the OS has no sessions (Windows), or the process's is not ours to read
+
 
 @dataclass(frozen=True)
 class Process:
-    """One row of /proc: enough to walk trees and sessions and to spot a reused PID."""
+    """One row of the process table: enough to walk trees and sessions and to spot a reused
+    PID (same number, another start time)."""
 
     pid: int
     ppid: int
     session: int
-    state: str
-    start_ticks: int
+    zombie: bool
+    started: float  # creation time, seconds since the epoch
     args: tuple[str, ...]
 
 
+def _session(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except (AttributeError, OSError):  # no sessions on this OS; gone; not ours
+        return NO_SESSION
+
+
 def list_processes() -> dict[int, Process]:
-    """Every process this user can see (Linux /proc), by PID."""
+    """Every process this user can see, by PID."""
     table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter(["ppid", "status", "create_time", "cmdline"]):
+        info = proc.info
+        if info["ppid"] is None or info["create_time"] is None:  # gone, or not ours to read
             continue
-        try:
-            stat = (entry / "stat").read_text()
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the name in (...) may hold spaces
-        table[int(entry.name)] = Process(
-            pid=int(entry.name),
-            ppid=int(fields[1]),
-            session=int(fields[3]),
-            state=fields[0],
-            start_ticks=int(fields[19]),
-            args=tuple(arg.decode(errors="replace") for arg in args if arg),
+        table[proc.pid] = Process(
+            pid=proc.pid,
+            ppid=info["ppid"],
+            session=_session(proc.pid),
+            zombie=info["status"] == psutil.STATUS_ZOMBIE,
+            started=info["create_time"],
+            args=tuple(info["cmdline"] or ()),
         )
     return table
 
@@ -78,7 +85,7 @@ def process_tree(table: Mapping[int, Process], roots: Iterable[int]) -> set[int]
     SuperExec's session even when their parent dies, so sessions catch what parent links miss.
     """
     members = {pid for pid in roots if pid in table}
-    own_session = os.getsid(0)
+    own_session = _session(0)
     while True:
         sessions = {pid for pid in members if table[pid].session == pid} - {own_session}
         grown = members | {
@@ -97,46 +104,42 @@ def stop_processes(roots: list[int], grace: float = 10.0) -> list[int]:
     Killing the SuperLink alone is not enough: flwr-simulation and Ray keep running without it.
     """
     table = list_processes()
-    targets = {pid: table[pid].start_ticks for pid in process_tree(table, roots)}
-    sessions = {pid for pid in targets if table[pid].session == pid} - {os.getsid(0)}
+    targets = {pid: table[pid].started for pid in process_tree(table, roots)}
+    sessions = {pid for pid in targets if table[pid].session == pid} - {_session(0)}
 
     def alive() -> list[int]:
         now = list_processes()
         live = {
-            pid for pid, ticks in targets.items() if pid in now and now[pid].start_ticks == ticks
+            pid for pid, started in targets.items() if pid in now and now[pid].started == started
         }
         for proc in now.values():
             if proc.pid not in targets and (proc.session in sessions or proc.ppid in live):
-                targets[proc.pid] = proc.start_ticks
+                targets[proc.pid] = proc.started
                 live.add(proc.pid)
         live.discard(os.getpid())
-        return sorted(pid for pid in live if now[pid].state != "Z")
+        return sorted(pid for pid in live if not now[pid].zombie)
 
-    def signal_and_wait(pids: list[int], signum: int, wait: float) -> list[int]:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def signal_and_wait(pids: list[int], kill: bool, wait: float) -> list[int]:
+        for pid in pids:  # terminate: SIGTERM (TerminateProcess on Windows); kill: SIGKILL
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if process.create_time() == targets.get(pid, process.create_time()):
+                    process.kill() if kill else process.terminate()
         deadline = time.monotonic() + wait
         while (left := alive()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return left
 
-    left = signal_and_wait(roots, signal.SIGTERM, wait=min(grace, 3.0))
+    left = signal_and_wait(roots, kill=False, wait=min(grace, 3.0))
     if left:
-        left = signal_and_wait(left, signal.SIGTERM, wait=grace)
+        left = signal_and_wait(left, kill=False, wait=grace)
     if left:
-        left = signal_and_wait(left, signal.SIGKILL, wait=grace)
+        left = signal_and_wait(left, kill=True, wait=grace)
     return left
 
 
 def stop_local_superlink(flwr_home: Path, port: int) -> None:
     """Stop the SuperLink of this FLWR_HOME and port, with its SuperExec, simulation and Ray."""
-    if not Path("/proc").is_dir():
-        print(
-            f"warning: no /proc here: stop the flower-superlink on port {port} yourself",
-            file=sys.stderr,
-        )
-        return
     roots = find_local_superlinks(list_processes(), flwr_home, port)
     if not roots:
         return

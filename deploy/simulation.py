@@ -23,7 +23,7 @@ What it does, in order:
    least 0.01), so all N clients may share it and the CPUs bound the concurrency.
 4. Ask ``flwr ls`` for the run's status: ``flwr run --stream`` exits 0 even when the run failed.
 5. Always (also on Ctrl-C, SIGTERM, a timeout) stop that SuperLink and everything it spawned
-   (SuperExec, flwr-simulation, Ray), found by PID through ``/proc`` (Linux).
+   (SuperExec, flwr-simulation, Ray), found by PID through ``psutil``.
 6. Print the final report from ``<results-dir>/<run-name>/`` (``server_app.results``).
 
 Exit status: 0 run completed, 1 run failed, 2 invalid config or missing data, 124 timed out,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {flwr}: install the project first (make setup)", file=sys.stderr)
         return EXIT_CONFIG
     flwr_home = args.flwr_home.expanduser().resolve()
-    if Path("/proc").is_dir() and (busy := find_local_superlinks(list_processes(), flwr_home)):
+    if busy := find_local_superlinks(list_processes(), flwr_home):
         print(
             f"error: FLWR_HOME {flwr_home} is in use by the SuperLink of another simulation "
             f"(PID {', '.join(map(str, busy))}): pass --flwr-home DIR to run beside it, or stop "

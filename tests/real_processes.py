@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,17 +31,16 @@ def fetch_fashion_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def processes_with_home(flwr_home: Path) -> list[int]:
     """Live (not zombie) processes whose environment holds this FLWR_HOME: all a run spawned."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):  # gone, or not ours to read
-                continue
-            if marker in environ and state != "Z":
-                found.append(int(entry.name))
+    for process in psutil.process_iter():
+        try:
+            if (
+                process.environ().get("FLWR_HOME") == str(flwr_home)
+                and process.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(process.pid)
+        except psutil.Error:  # gone, or not ours to read
+            continue
     return found
 
 

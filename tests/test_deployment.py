@@ -43,7 +43,6 @@ COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
 RUN_TIMEOUT = 600.0  # seconds for one real run
 
-linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
 pytestmark = pytest.mark.system  # real SuperLink and SuperNode processes, and the compose file
 
 
@@ -99,7 +98,6 @@ def test_a_new_san_reissues_the_server_certificate_only(tmp_path: Path) -> None:
 # --- local deployment, real processes ---------------------------------------------------------
 
 
-@linux_only
 def test_deploy_local_rejects_an_oversized_generator_before_starting_anything(
     tmp_path: Path, data_root: Path
 ) -> None:
@@ -126,7 +124,6 @@ def test_deploy_local_rejects_an_oversized_generator_before_starting_anything(
     assert not (tmp_path / "work").exists()  # no certificate made, no process started
 
 
-@linux_only
 def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
     tmp_path: Path, data_root: Path
 ) -> None:
@@ -188,7 +185,6 @@ def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
             assert (down["arrays"] > 1_000_000) == (server_round == "1")
 
 
-@linux_only
 def test_unregistered_supernode_is_refused_and_a_killed_supernode_does_not_stop_the_run(
     tmp_path: Path, data_root: Path
 ) -> None:

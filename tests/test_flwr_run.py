@@ -30,10 +30,7 @@ README_COMMAND = re.compile(r"^flwr run \. .*conf/quick\.toml.*$", re.MULTILINE)
 README_EXPORT = re.compile(r"^export (FLWR_[A-Z_]+)=(\S+)", re.MULTILINE)
 RUN_TIMEOUT = 600.0
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc"),
-]
+pytestmark = pytest.mark.system
 
 
 def test_the_environment_was_installed_from_this_checkout() -> None:

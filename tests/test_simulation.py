@@ -25,10 +25,7 @@ QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
 RUN_TIMEOUT = 600.0  # seconds for one real run; deploy.simulation gets a bit less, to clean up
 KD_KEYS = ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy")
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc"),
-]
+pytestmark = pytest.mark.system
 
 Simulate = Callable[..., subprocess.CompletedProcess[str]]
 
