@@ -26,6 +26,12 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        # Ray gives each ClientApp only the GPUs it reserved for it, renumbered from 0
+        raise RuntimeError(
+            f"device {name!r}: this process sees {torch.cuda.device_count()} GPU(s), numbered "
+            "from 0 (CUDA_VISIBLE_DEVICES, which Ray sets per ClientApp); use 'cuda' or 'auto'"
+        )
     return device
 
 

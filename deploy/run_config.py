@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.proto.federation_config_pb2 import SimulationConfig
 
 from common.config import ConfigError, RunConfig, parse_run_config, pyproject_defaults
 from common.data import DatasetNotFoundError, load_dataset
@@ -23,6 +24,10 @@ from common.train import resolve_device
 from server_app.strategies import validate_run_config
 
 REPO = Path(__file__).resolve().parent.parent
+# What flwr run's --federation-config accepts: the fields of Flower's SimulationConfig.
+FEDERATION_KEYS = frozenset(
+    field.name.replace("_", "-") for field in SimulationConfig.DESCRIPTOR.fields
+)
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -106,3 +111,45 @@ def client_gpus(device: torch.device, clients: int) -> float:
     if device.type != "cuda":
         return 0.0
     return max(0.01, math.floor(100 / clients) / 100)
+
+
+def federation_config(
+    clients: int,
+    device: torch.device,
+    client_cpus: int = 1,
+    client_gpus_each: float | None = None,
+    extra: Iterable[str] = (),
+) -> str:
+    """The ``--federation-config`` of ``flwr run``: the node count and each ClientApp's Ray
+    resources, then any ``KEY=VALUE`` pairs of ``extra`` passed through as Flower reads them
+    (a key given there wins; the keys are Flower's ``SimulationConfig`` fields). Over-asking is
+    refused here, naming the option: Ray would otherwise place no ClientApp and the run would
+    die with "ActorPool is empty"."""
+    cpus = os.cpu_count() or 1
+    if not 1 <= client_cpus <= cpus:
+        raise ConfigError(f"--client-cpus: {client_cpus} must be 1 to the {cpus} CPUs here")
+    gpus = client_gpus(device, clients) if client_gpus_each is None else client_gpus_each
+    if gpus < 0:
+        raise ConfigError(f"--client-gpus: {gpus:g} is negative")
+    if gpus > 0 and gpus > torch.cuda.device_count():
+        raise ConfigError(
+            f"--client-gpus: {gpus:g} GPUs per ClientApp, and {torch.cuda.device_count()} are "
+            "visible here (CUDA_VISIBLE_DEVICES)"
+        )
+    pairs = {
+        "num-supernodes": str(clients),
+        "client-resources-num-cpus": str(client_cpus),
+        "client-resources-num-gpus": f"{gpus:g}",
+    }
+    for item in extra:
+        for pair in item.split():
+            key, sep, value = pair.partition("=")
+            if key == "num-supernodes":
+                raise ConfigError("--federation-config: set the number of nodes with --clients")
+            if not sep or key not in FEDERATION_KEYS:
+                raise ConfigError(
+                    f"--federation-config {pair!r}: expected KEY=VALUE with KEY one of "
+                    f"{sorted(FEDERATION_KEYS)}"
+                )
+            pairs[key] = value
+    return " ".join(f"{key}={value}" for key, value in pairs.items())

@@ -2,7 +2,8 @@
 
     python -m deploy.simulation [--profile conf/X.toml] [--clients N] [--strategy mosaic|fedavg]
                                 [--set key=value ...] [--timeout SEC] [--name RUN_NAME]
-                                [--flwr-home DIR]
+                                [--flwr-home DIR] [--client-cpus C] [--client-gpus G]
+                                [--federation-config "KEY=VALUE ..."]
 
 What it does, in order:
 
@@ -18,9 +19,12 @@ What it does, in order:
 3. ``flwr run <repo> --stream`` with the overrides in one temporary TOML. ``flwr run`` starts a
    detached local SuperLink; it gets free ports (so it never talks to somebody else's SuperLink)
    and ``FLWR_HOME`` = ``--flwr-home`` (default ``<repo>/.flwr``; one simulation at a time per
-   FLWR_HOME, as they would share its SQLite state). Resources per ClientApp: one CPU; no GPU
-   unless the run's ``device`` resolves to CUDA, then ``1/N`` of one GPU (floored to 0.01, at
-   least 0.01), so all N clients may share it and the CPUs bound the concurrency.
+   FLWR_HOME, as they would share its SQLite state). Resources per ClientApp (Ray's, which
+   bound how many run at once): ``--client-cpus`` (default one CPU); ``--client-gpus``, by
+   default none unless the run's ``device`` resolves to CUDA, then ``1/N`` of one GPU (floored
+   to 0.01, at least 0.01), so all N clients may share it and the CPUs bound the concurrency.
+   ``--federation-config`` passes further pairs through to Flower as they are (e.g.
+   ``init-args-num-cpus=8``); a key given there wins.
 4. Ask ``flwr ls`` for the run's status: ``flwr run --stream`` exits 0 even when the run failed.
 5. Always (also on Ctrl-C, SIGTERM, a timeout) stop that SuperLink and everything it spawned
    (SuperExec, flwr-simulation, Ray), found by PID through ``psutil``.
@@ -57,7 +61,7 @@ from deploy.processes import (
     list_processes,
     stop_local_superlink,
 )
-from deploy.run_config import REPO, build_run_config, check_runnable, client_gpus
+from deploy.run_config import REPO, build_run_config, check_runnable, federation_config
 from server_app.results import RunResults
 
 DEFAULT_CLIENTS = 10
@@ -96,6 +100,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--flwr-home", type=Path, default=REPO / ".flwr", help="FLWR_HOME (default: <repo>/.flwr)"
     )
+    parser.add_argument(
+        "--client-cpus", type=int, default=1, help="CPUs Ray reserves per ClientApp"
+    )
+    parser.add_argument(
+        "--client-gpus",
+        type=float,
+        help="GPUs Ray reserves per ClientApp (default: 1/clients of one GPU when the device "
+        "is CUDA, else 0)",
+    )
+    parser.add_argument(
+        "--federation-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE ...",
+        help="more of flwr run's federation config, passed through; repeatable",
+    )
     return parser.parse_args(argv)
 
 
@@ -104,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, cfg = build_run_config(args.profile, args.strategy, args.set, args.name)
         device = check_runnable(cfg, args.clients)
+        federation = federation_config(
+            args.clients, device, args.client_cpus, args.client_gpus, args.federation_config
+        )
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -125,10 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     http_port, control_port = free_ports(2)
     env = flower_env(flwr_home, http_port, control_port)
     folder = Path(cfg.results_dir) / cfg.run_name
-    federation = (
-        f"num-supernodes={args.clients} client-resources-num-cpus=1 "
-        f"client-resources-num-gpus={client_gpus(device, args.clients)}"
-    )
     print(
         f"Running {cfg.strategy} on {cfg.dataset} with {args.clients} clients "
         f"(profile: {args.profile or 'none'})\n  results:   {folder}\n  data:      {cfg.data_root}"

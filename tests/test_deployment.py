@@ -332,6 +332,9 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
     assert link["isolation"] == "process" and "enable-supernode-auth" in link
     link_port = link["port"]
     assert f"127.0.0.1:{link_port}:{link_port}" in services["superlink"]["ports"]
+    # registered node keys survive a restart: the state database lies in a mounted folder
+    link_folders = [v.split(":")[1] for v in services["superlink"]["volumes"]]
+    assert any(f"/app/{link['database']}".startswith(f"{f}/") for f in link_folders), link_folders
 
     ignored = (COMPOSE_DIR / ".gitignore").read_text()
     dockerfiles = set()
