@@ -13,6 +13,7 @@ with the same rule.
 from __future__ import annotations
 
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -30,6 +31,7 @@ from common.data import (
 )
 from common.generator import train_generator
 from common.models import Classifier, GeneratorSpec, build_classifier
+from common.node_data import TEST, TRAIN, content_id, read_split
 from common.paths import data_root
 from common.submodels import WidthSlicer
 from common.tiers import node_width
@@ -45,20 +47,42 @@ from common.wire import (
 app = ClientApp()
 
 
-def _identity(context: Context) -> tuple[int, int]:
-    """This node's partition, from node_config (filled by simulation or by --node-config)."""
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as missing:
-        raise ValueError(
-            f"node config lacks {missing}: start the SuperNode with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'"
-        ) from None
+def _data_dir(context: Context) -> Path | None:
+    """This node's own data folder (``--node-config data-dir=...``), if it has one."""
+    value = context.node_config.get("data-dir")
+    return Path(str(value)).expanduser() if value else None
+
+
+def _identity(context: Context) -> tuple[int, int | None]:
+    """This node's partition id and the partition count, from its node config (filled by the
+    simulation or by --node-config). A node on its own data (``data-dir``) may leave both out:
+    its id then comes from its data (:func:`common.node_data.content_id`), with no count."""
+    node_config = context.node_config
+    if "partition-id" in node_config and ("num-partitions" in node_config or _data_dir(context)):
+        count = node_config.get("num-partitions")
+        return int(node_config["partition-id"]), None if count is None else int(count)
+    if (folder := _data_dir(context)) is not None:
+        return content_id(folder), None
+    missing = "partition-id" if "partition-id" not in node_config else "num-partitions"
+    raise ValueError(
+        f"node config lacks '{missing}': start the SuperNode with --node-config "
+        "'partition-id=<i> num-partitions=<n>' (a share of the public dataset) or "
+        "'data-dir=\"<folder>\"' (its own data, see common/node_data.py)"
+    )
 
 
 def _width(cfg: RunConfig, context: Context) -> float:
-    """The capacity rate this node trains at (``width-tiers``, or its node config's ``width``)."""
+    """The capacity rate this node trains at (``width-tiers``, or its node config's ``width``).
+    A node on its own data with no partition count has no place in the rule: with width tiers
+    it must name its width."""
     partition_id, num_partitions = _identity(context)
+    if num_partitions is None:
+        if cfg.tiers and "width" not in context.node_config:
+            raise ValueError(
+                "width-tiers is set and this node (data-dir, no num-partitions) has no place in "
+                "its rule: add width=<rate> to its --node-config"
+            )
+        return node_width(cfg.tiers, context.node_config, 0, 1, cfg.data_seed)
     return node_width(cfg.tiers, context.node_config, partition_id, num_partitions, cfg.data_seed)
 
 
@@ -96,7 +120,13 @@ def _model_from(
 
 
 def _local_data(cfg: RunConfig, context: Context) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This node's training data: its own folder (``data-dir``), else its share of the public
+    dataset's train split, split as every node of the run splits it."""
     partition_id, num_partitions = _identity(context)
+    if (folder := _data_dir(context)) is not None:
+        images, labels = read_split(folder, TRAIN, dataset_info(cfg.dataset))
+        return images, labels, partition_id
+    assert num_partitions is not None  # _identity requires it without a data-dir
     images, labels = load_client_partition(
         cfg.dataset,
         data_root(cfg, context.node_config),
@@ -175,15 +205,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Score the global weights on this node's IID share of the test split (with width tiers,
-    the node's own sub-model of them: the first units of each layer)."""
+    """Score the global weights on this node's held-out data (with width tiers, the node's own
+    sub-model of them: the first units of each layer): its folder's ``test.npz`` when it has a
+    ``data-dir``, else its IID share of the public test split."""
     cfg = parse_run_config(context.run_config)
     partition_id, num_partitions = _identity(context)
-    images, labels = load_dataset(cfg.dataset, data_root(cfg, context.node_config), train=False)
-    shards = partition_indices(labels.numpy(), num_partitions, "iid", seed=cfg.data_seed)
-    shard = shards[partition_id]
+    if (folder := _data_dir(context)) is not None:
+        images, labels = read_split(folder, TEST, dataset_info(cfg.dataset))
+    else:
+        assert num_partitions is not None  # _identity requires it without a data-dir
+        images, labels = load_dataset(cfg.dataset, data_root(cfg, context.node_config), False)
+        shard = partition_indices(labels.numpy(), num_partitions, "iid", seed=cfg.data_seed)[
+            partition_id
+        ]
+        images, labels = images[shard], labels[shard]
     model = _model_from(cfg, msg, _width(cfg, context), window_start=0)
-    result = evaluate(model, images[shard], labels[shard], resolve_device(cfg.device))
+    result = evaluate(model, images, labels, resolve_device(cfg.device))
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss}
     )

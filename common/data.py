@@ -92,7 +92,7 @@ def _missing_message(name: str, root: str) -> str:
     )
 
 
-def _read_pixels(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def read_pixels(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N, C, H, W] and int64 labels [N], straight from torchvision's arrays."""
     if name == "svhn" and importlib.util.find_spec("scipy") is None:
         raise ImportError("svhn is stored as .mat files, which need scipy: pip install scipy")
@@ -118,12 +118,18 @@ def _channel_stats(info: DatasetInfo, like: torch.Tensor) -> tuple[torch.Tensor,
     return as_column(info.mean), as_column(info.std)
 
 
+def pixels_to_input(pixels: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 images ``[N, C, H, W]`` as the classifier reads them: in [0, 1], normalised with
+    the dataset's channel statistics (the same for every client and the server)."""
+    images = pixels.to(torch.float32).div_(255)
+    mean, std = _channel_stats(info, images)
+    return images.sub_(mean).div_(std)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_normalised(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels, labels = _read_pixels(name, root, train)
-    images = pixels.to(torch.float32).div_(255)
-    mean, std = _channel_stats(dataset_info(name), images)
-    return images.sub_(mean).div_(std), labels
+    pixels, labels = read_pixels(name, root, train)
+    return pixels_to_input(pixels, dataset_info(name)), labels
 
 
 def load_dataset(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
