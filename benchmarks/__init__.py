@@ -246,6 +246,7 @@ ADDED_KEYS: dict[str, Any] = {
     "max-update-ratio": 0.0,
     "max-weight-ratio": 0.0,
     "min-claim-agreement": 0.0,
+    "server-test-set": True,
     "aggregation": "mean",
     "trim-fraction": 0.2,
     "krum-malicious": 1,

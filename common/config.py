@@ -94,6 +94,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "min-nodes",
             "fraction-train",
             "fraction-evaluate",
+            "server-test-set",
             "round-timeout",
             "min-replies",
             "lr",
@@ -265,6 +266,7 @@ class RunConfig(BaseModel):
     min_nodes: int = Field(ge=1, le=100_000)  # wait until this many nodes are connected
     fraction_train: float = Field(gt=0, le=1)
     fraction_evaluate: float = Field(ge=0, le=1)
+    server_test_set: bool  # false: the server holds no data; evaluation is federated only
     round_timeout: float = Field(gt=0, le=604_800)
     min_replies: int = Field(ge=1, le=100_000)  # fewer accepted replies: the round is skipped
     local_steps: int = Field(ge=1, le=1_000_000)
@@ -350,6 +352,11 @@ class RunConfig(BaseModel):
                 )
         if self.resume and not self.run_name:
             raise ValueError("resume: needs the run-name of the run to continue")
+        if not self.server_test_set and self.fraction_evaluate == 0:
+            raise ValueError(
+                "fraction-evaluate: is 0 and server-test-set is false, so nothing would ever "
+                "evaluate the model; let clients evaluate on their held-out data (e.g. 1.0)"
+            )
         if self.min_replies > self.min_nodes:
             raise ValueError(
                 f"min-replies: {self.min_replies} is more than min-nodes {self.min_nodes}, so a "

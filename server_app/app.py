@@ -160,18 +160,23 @@ def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None
     device = resolve_device(cfg.device)
     log(INFO, "Results go to %s (device: %s)", report.folder, device)
     info = dataset_info(cfg.dataset)
-    test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)
     template = build_classifier(
         cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
     )
+    evaluate_model = _no_test_set
+    if cfg.server_test_set:
+        test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)
 
-    def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
-        result = evaluate(model, test_images, test_labels, device)
-        return {"accuracy": result.accuracy, "loss": result.loss}
+        def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
+            result = evaluate(model, test_images, test_labels, device)
+            return {"accuracy": result.accuracy, "loss": result.loss}
+    else:
+        log(INFO, "server-test-set = false: the nodes' held-out data is the only evaluation")
 
     strategy = STRATEGIES[cfg.strategy](
         cfg, template, info, device=device, evaluate_model=evaluate_model
     )
+    strategy.on_federated_evaluation = report.record_round
     initial_arrays = state_to_record(template.state_dict())
     checkpoint = load_checkpoint(report.folder) if cfg.resume else None
     if checkpoint is not None:
@@ -189,6 +194,11 @@ def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None
     # Flower's result holds the last aggregated model: none when every round it ran was skipped.
     final_arrays = result.arrays if len(result.arrays) else initial_arrays
     finish(report, strategy, record_to_state(final_arrays))
+
+
+def _no_test_set(model: torch.nn.Module) -> dict[str, float]:
+    """The server's evaluation without a test set: no figures (the nodes evaluate)."""
+    return {}
 
 
 def finish(report: RunReport, strategy: CheckedFedAvg, final_state: dict) -> None:

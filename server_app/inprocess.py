@@ -31,7 +31,8 @@ RUN_ID = 1
 
 
 class InProcessGrid(Grid):
-    """A Grid of ``num_nodes`` in-process nodes; node i holds partition i of ``num_nodes``.
+    """A Grid of ``num_nodes`` in-process nodes; node i holds partition i of ``num_nodes``,
+    unless ``node_configs`` gives node i its whole node config (e.g. only a ``data-dir``).
 
     ``tamper`` (node id, reply) -> reply lets tests alter what a node sends, and
     ``reply_order`` (replies) -> replies the order they arrive in (over a network, any order).
@@ -54,11 +55,10 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=RUN_ID,
                 node_id=node_id,
-                node_config={
-                    "partition-id": node_id - 1,
-                    "num-partitions": num_nodes,
-                    **(node_configs or {}).get(node_id, {}),
-                },
+                node_config=dict(
+                    (node_configs or {}).get(node_id)
+                    or {"partition-id": node_id - 1, "num-partitions": num_nodes}
+                ),
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
@@ -132,6 +132,7 @@ def run_inprocess(
     tamper: Callable[[int, Message], Message] | None = None,
     client_app: Callable[[Message, Context], Message] | None = None,
     reply_order: Callable[[list[Message]], list[Message]] | None = None,
+    node_configs: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> InProcessGrid:
     """Run the ServerApp's main loop against ``num_nodes`` in-process ClientApps (the
     project's own, or ``client_app``: e.g. the benchmarks' reply cache wrapped around it)."""
@@ -140,7 +141,14 @@ def run_inprocess(
     if client_app is None:
         from client_app.app import app as client_app
 
-    grid = InProcessGrid(client_app, num_nodes, run_config, tamper=tamper, reply_order=reply_order)
+    grid = InProcessGrid(
+        client_app,
+        num_nodes,
+        run_config,
+        node_configs=node_configs,
+        tamper=tamper,
+        reply_order=reply_order,
+    )
     context = Context(
         run_id=RUN_ID,
         node_id=SERVER_NODE_ID,

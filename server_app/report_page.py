@@ -25,12 +25,23 @@ from server_app.results import (
     PARTITION_PICTURE,
     TEACHER_FIGURES,
     RunResults,
+    accuracy_key,
     write_atomically,
 )
 
 REPORT_PAGE = "report.html"
 # The per-round columns shown first, in this order; any other scalar follows by name.
-ROUND_COLUMNS = ("accuracy", "loss", "seconds", "replied", "rejected", "failed", "missing")
+ROUND_COLUMNS = (
+    "accuracy",
+    "loss",
+    "federated-accuracy",
+    "federated-loss",
+    "seconds",
+    "replied",
+    "rejected",
+    "failed",
+    "missing",
+)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -91,8 +102,10 @@ def _summary_table(results: RunResults) -> str:
     if results.last_round is None:
         return "<p>No round was recorded.</p>"
     last = results.rounds[results.last_round]
+    key = accuracy_key(results.rounds)
+    label = "test accuracy" if key == "accuracy" else "federated accuracy (clients' held-out data)"
     rows: list[tuple[str, Any]] = [
-        (f"final test accuracy (round {results.last_round})", _number(last.get("accuracy")))
+        (f"final {label} (round {results.last_round})", _number(last.get(key)))
     ]
     rows += [
         (f"final {key.removesuffix('-accuracy').replace('-', ' ')} sub-model accuracy", _number(v))

@@ -56,6 +56,13 @@ METRICS_CSV, RUN_LOG, PARTITION_PICTURE, ACCURACY_PICTURE = (
     "accuracy.png",
 )
 TEACHER_FIGURES = ("teacher-accuracy", "pre-kd-accuracy", "post-kd-accuracy")
+FEDERATED_ACCURACY = "federated-accuracy"  # the clients' evaluation, weighted by their samples
+
+
+def accuracy_key(rounds: Mapping[int, Mapping[str, Any]]) -> str:
+    """The accuracy a run is judged by: the server's test set (``accuracy``) when it has one,
+    else the clients' federated evaluation (``server-test-set = false``)."""
+    return "accuracy" if any("accuracy" in v for v in rounds.values()) else FEDERATED_ACCURACY
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -197,12 +204,16 @@ class RunReport:
         return path
 
     def plot_accuracy(self) -> Path:
+        """``accuracy.png``: the global model's accuracy per round on the server's test set, or
+        (without one) the clients' federated evaluation; the teacher and the model before
+        distillation beside it."""
         path = self.folder / ACCURACY_PICTURE
-        rounds = sorted(r for r, v in self.rounds.items() if "accuracy" in v)
+        key = accuracy_key(self.rounds)
+        rounds = sorted(r for r, v in self.rounds.items() if key in v)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(
             rounds,
-            [self.rounds[r]["accuracy"] for r in rounds],
+            [self.rounds[r][key] for r in rounds],
             marker="o",
             label=f"global model ({self.cfg.strategy})",
         )
@@ -221,7 +232,7 @@ class RunReport:
             )
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy" if key == "accuracy" else "federated accuracy (clients)")
         ax.set_title(f"{self.cfg.dataset}, {self.cfg.partitioning} alpha={self.cfg.alpha}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -303,7 +314,14 @@ class RunResults:
         if self.last_round is None:
             return [f"no metrics in {self.folder}"]
         last = self.last_round
-        lines = [f"final test accuracy: {self.rounds[last]['accuracy']:.4f} (round {last})"]
+        key = accuracy_key(self.rounds)
+        label = (
+            "test accuracy" if key == "accuracy" else "federated accuracy (clients' held-out data)"
+        )
+        value = self.rounds[last].get(key)
+        lines = [
+            f"final {label}: " + ("-" if value is None else f"{value:.4f}") + f" (round {last})"
+        ]
         lines += [
             f"final test accuracy, {key.removesuffix('-accuracy').replace('-', ' ')} sub-model: "
             f"{value:.4f}"

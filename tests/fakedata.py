@@ -95,6 +95,7 @@ OTHER_VALUES: dict[str, Any] = {
     "min-nodes": 5,
     "fraction-train": 0.5,
     "fraction-evaluate": 0.3,
+    "server-test-set": False,
     "round-timeout": 30.0,
     "min-replies": 2,
     "lr": 0.05,

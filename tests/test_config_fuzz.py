@@ -146,6 +146,8 @@ def valid_configs(draw) -> dict[str, Any]:
         values["exclusive-width"] = draw(st.sampled_from([1.0, *rates]))
     if values["resume"] and not values["run-name"]:
         values["run-name"] = draw(st.from_regex(_pattern("run-name"), fullmatch=True).filter(bool))
+    if not values["server-test-set"] and values["fraction-evaluate"] == 0:
+        values["fraction-evaluate"] = draw(st.floats(0.01, 1.0))
     return values
 
 
@@ -187,6 +189,7 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
     ),
     ("min-replies", lambda draw, v: {"min-replies": v["min-nodes"] + draw(st.integers(1))}),
     ("resume", lambda draw, v: {"resume": True, "run-name": ""}),
+    ("fraction-evaluate", lambda draw, v: {"server-test-set": False, "fraction-evaluate": 0.0}),
     ("meta-prior", lambda draw, v: {"strategy": "mosaic-no-meta", "meta-prior": "none"}),
     (
         "meta-features",

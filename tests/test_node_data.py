@@ -153,3 +153,42 @@ def test_width_tiers_need_a_width_from_a_node_without_a_partition_count(
     run_config = tiny_run_config(data_root, tmp_path, width_tiers="1:1,0.5:1")
     with pytest.raises(ValueError, match="width=<rate>"):
         train(_message(run_config, "train"), _context(run_config, {"data-dir": str(nodes[0])}))
+
+
+# --- a whole run on the sites' own folders, with no test set at the server ------------------
+
+
+@pytest.mark.integration
+def test_mosaic_on_node_folders_without_a_server_test_set_is_judged_by_federated_evaluation(
+    data_root, nodes, tmp_path
+) -> None:
+    from server_app.inprocess import run_inprocess
+    from server_app.results import RunResults
+
+    config = tiny_run_config(
+        data_root,
+        tmp_path,
+        strategy="mosaic",
+        num_rounds=2,
+        kd_round=2,
+        proto_start_round=1,
+        server_test_set=False,
+        fraction_evaluate=1.0,
+        min_nodes=3,
+    )
+    grid = run_inprocess(
+        config, 3, node_configs={i + 1: {"data-dir": str(folder)} for i, folder in enumerate(nodes)}
+    )
+    results = RunResults.read(tmp_path / config["run-name"])
+    assert {r for r, v in results.rounds.items() if "federated-accuracy" in v} == {1, 2}
+    assert not any("accuracy" in v for v in results.rounds.values())  # no server test set
+    assert "kd-seconds" in results.rounds[2]  # distillation ran with nothing to score it on
+    assert results.summary_lines()[0].startswith("final federated accuracy (clients' held-out")
+    assert sorted(results.label_counts) == sorted(f"client-{content_id(f)}" for f in nodes)
+    sent = [msg for msg in grid.sent if msg.metadata.message_type == "evaluate"]
+    assert len(sent) == 6  # every node scored the global model after both rounds
+
+
+def test_a_server_without_a_test_set_needs_the_clients_to_evaluate(data_root, tmp_path) -> None:
+    with pytest.raises(ValueError, match="fraction-evaluate"):
+        parse_run_config(tiny_run_config(data_root, tmp_path, server_test_set=False))

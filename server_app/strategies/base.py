@@ -141,6 +141,8 @@ class CheckedFedAvg(FedAvg):
         self.template = template
         self.device = device or torch.device("cpu")
         self.evaluate_model: Evaluator = evaluate_model or (lambda model: {})
+        # where the clients' aggregated evaluation of each round goes, as ``federated-<metric>``
+        self.on_federated_evaluation: Callable[..., None] = lambda server_round, **metrics: None
         self.model_signature = state_signature(template.state_dict())
         self.generator_spec = GeneratorSpec(cfg.gen_latent_dim, info.image_shape, cfg.gen_channels)
         self._generator_signature = None
@@ -544,7 +546,11 @@ class CheckedFedAvg(FedAvg):
                     )
                     continue
             kept.append(msg)
-        return super().aggregate_evaluate(server_round, kept)
+        aggregated = super().aggregate_evaluate(server_round, kept)
+        if aggregated:
+            federated = {f"federated-{key}": value for key, value in aggregated.items()}
+            self.on_federated_evaluation(server_round, **federated)
+        return aggregated
 
     # --- results and checkpoint -------------------------------------------------------------
     def phase_of(self, server_round: int) -> str:

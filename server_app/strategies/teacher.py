@@ -216,14 +216,15 @@ class TeacherStrategy(CheckedFedAvg):
         started = time.perf_counter()
         figures.update({f"post-kd-{k}": v for k, v in self._student_metrics(student).items()})
         figures["evaluation-seconds"] += time.perf_counter() - started
-        log(
-            INFO,
-            "%s: teacher %.4f, global before KD %.4f, after KD %.4f",
-            self.cfg.strategy,
-            figures["teacher-accuracy"],
-            figures["pre-kd-accuracy"],
-            figures["post-kd-accuracy"],
-        )
+        if "teacher-accuracy" in figures:  # without a server test set there is nothing to say
+            log(
+                INFO,
+                "%s: teacher %.4f, global before KD %.4f, after KD %.4f",
+                self.cfg.strategy,
+                figures["teacher-accuracy"],
+                figures["pre-kd-accuracy"],
+                figures["post-kd-accuracy"],
+            )
         return figures
 
     def sub_model_views(self, student: Classifier) -> list[SlicedView]:
