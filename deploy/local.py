@@ -3,7 +3,7 @@ process, talking over loopback with TLS and SuperNode authentication; leave noth
 
     python -m deploy.local --clients N [--profile conf/X.toml] [--strategy mosaic|fedavg|fedprox]
                            [--set key=value ...] [--name RUN_NAME] [--timeout SEC]
-                           [--widths R,R,...] [--workdir DIR] [--insecure]
+                           [--widths R,R,...] [--node-data DIR] [--workdir DIR] [--insecure]
 
 What it does, in order:
 
@@ -19,8 +19,11 @@ What it does, in order:
 5. Each node's public key registered with ``flwr supernode register``, then N
    ``flower-supernode`` processes, each with its own ``--port``, its key, and
    ``--node-config "partition-id=i num-partitions=N data-root=..."`` (and ``width=r`` with
-   ``--widths``: that node trains a width-r sub-model whatever ``width-tiers`` assigns); wait until
-   ``flwr supernode list`` shows all N online (bounded by ``--startup-timeout``).
+   ``--widths``: that node trains a width-r sub-model whatever ``width-tiers`` assigns). With
+   ``--node-data DIR`` node i reads only its own folder instead, ``--node-config
+   "data-dir=DIR/node-<i>"``, with no partition id (``common.node_data``; write the folders
+   with ``mosaic-node-data DIR --partitions N``). Then wait until ``flwr supernode list`` shows
+   all N online (bounded by ``--startup-timeout``).
 6. ``flwr run <repo> mosaic-local --stream --run-config <merged.toml>``, then the run's status
    from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed).
 7. Always (also on Ctrl-C, SIGTERM, a timeout, a failure): stop the SuperNodes, then the
@@ -53,6 +56,7 @@ from typing import IO, Any, get_args
 import tomli_w
 
 from common.config import ConfigError, RunConfig, Strategy
+from common.node_data import LAYOUT, TRAIN
 from common.tiers import tier_rates
 from deploy.certs import Credentials, ensure_credentials
 from deploy.flwr_cli import (
@@ -104,10 +108,12 @@ class LocalFederation:
         *,
         secure: bool = True,
         widths: Sequence[float] | None = None,
+        node_data: Path | None = None,
     ) -> None:
         self.workdir = workdir.expanduser().resolve()
         self.clients = clients
         self.widths = list(widths) if widths else None  # per node, its node-config `width`
+        self.node_data = node_data  # node i reads node_data/node-<i> (its own data) if set
         self.data_root = str(data_root)
         self.secure = secure
         self.flwr_home = self.workdir / "flwr-home"
@@ -226,8 +232,13 @@ class LocalFederation:
 
         ``register=False`` starts it with a key the SuperLink does not know (tests use it).
         """
-        data_root = json.dumps(self.data_root)  # a TOML string, quoted and escaped
-        node_config = f"partition-id={index} num-partitions={self.clients} data-root={data_root}"
+        if self.node_data is not None:  # a TOML string, quoted and escaped
+            node_config = f"data-dir={json.dumps(str(node_folder(self.node_data, index)))}"
+        else:
+            data_root = json.dumps(self.data_root)
+            node_config = (
+                f"partition-id={index} num-partitions={self.clients} data-root={data_root}"
+            )
         if self.widths is not None:
             node_config += f" width={float(self.widths[index])!r}"
         command = [
@@ -379,6 +390,26 @@ def check_widths(cfg: RunConfig, widths: Sequence[float] | None, clients: int) -
         raise ConfigError(f"--widths: {widths} has a rate outside width-tiers {allowed}")
 
 
+def node_folder(node_data: Path, index: int) -> Path:
+    return (node_data / f"node-{index}").expanduser().resolve()
+
+
+def check_node_data(node_data: Path | None, clients: int) -> None:
+    """``--node-data``: a folder per SuperNode, each with its training file."""
+    if node_data is None:
+        return
+    missing = [
+        str(node_folder(node_data, i) / TRAIN)
+        for i in range(clients)
+        if not (node_folder(node_data, i) / TRAIN).is_file()
+    ]
+    if missing:
+        raise ConfigError(
+            f"--node-data: no {', '.join(missing)}; write the folders with "
+            f"`mosaic-node-data {node_data} --partitions {clients}` ({LAYOUT})"
+        )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.local",
@@ -402,6 +433,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_widths,
         help="each SuperNode's width, in order (e.g. 1,0.5,0.25): its node config's `width`, "
         "which overrides the width-tiers rule; every rate must be one of width-tiers",
+    )
+    parser.add_argument(
+        "--node-data",
+        type=Path,
+        help="SuperNode i reads only DIR/node-<i> (train.npz, test.npz: common/node_data.py), "
+        "with no partition id",
     )
     parser.add_argument("--name", help="run name: the results folder's name")
     parser.add_argument("--timeout", type=float, help="stop the run after SEC seconds")
@@ -432,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         overrides, cfg = build_run_config(args.profile, args.strategy, args.set, args.name)
-        check_runnable(cfg, args.clients)
+        check_runnable(cfg, args.clients, args.node_data is None or cfg.server_test_set)
         check_widths(cfg, args.widths, args.clients)
+        check_node_data(args.node_data, args.clients)
         check_payload_limits(cfg, uploads_of(cfg.strategy))
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -453,7 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     federation = LocalFederation(
-        args.workdir, args.clients, cfg.data_root, secure=not args.insecure, widths=args.widths
+        args.workdir,
+        args.clients,
+        cfg.data_root,
+        secure=not args.insecure,
+        widths=args.widths,
+        node_data=args.node_data,
     )
 
     def stop() -> None:

@@ -81,8 +81,10 @@ def build_run_config(
     return overrides, validate_run_config({**defaults, **overrides})
 
 
-def check_runnable(cfg: RunConfig, clients: int) -> torch.device:
-    """What the schema cannot know: the client count, the device, the data; return the device."""
+def check_runnable(cfg: RunConfig, clients: int, public_data: bool = True) -> torch.device:
+    """What the schema cannot know: the client count, the device, the data (the public dataset
+    under ``data-root``, unless ``public_data`` is false: the nodes bring their own and the
+    server has no test set); return the device."""
     if clients < 1:
         raise ConfigError(f"--clients: {clients} is not a positive number of clients")
     if cfg.min_nodes > clients:
@@ -99,6 +101,8 @@ def check_runnable(cfg: RunConfig, clients: int) -> torch.device:
         device = resolve_device(cfg.device)
     except RuntimeError as error:
         raise ConfigError(f"device: {error}") from None
+    if not public_data:
+        return device
     try:
         load_dataset(cfg.dataset, cfg.data_root, train=False)
     except (DatasetNotFoundError, ImportError) as error:

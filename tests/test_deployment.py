@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from common.config import load_profile, pyproject_defaults
+from common.node_data import content_id, write_node_folders
 from common.tiers import tier_rates
 from deploy.certs import DEFAULT_SANS, ensure_credentials, make_node_key
 from deploy.flwr_cli import COMPLETED
@@ -183,6 +184,69 @@ def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
             # once the server has heard its width (round 1: the full model, cut by the node)
             assert up["arrays"] < 150_000
             assert (down["arrays"] > 1_000_000) == (server_round == "1")
+
+
+def test_deploy_local_supernodes_on_their_own_folders_and_a_server_without_test_data(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """Each SuperNode reads only its folder (no partition id), the ServerApp loads no test set:
+    the run is judged by the nodes' evaluation of their held-out data."""
+    workdir, results, sites = tmp_path / "work", tmp_path / "results", tmp_path / "sites"
+    folders = write_node_folders("fashion-mnist", data_root, sites, 3, alpha=0.5)
+    try:
+        result = run_launcher(
+            "deploy.local",
+            *("--clients", "3", "--profile", "conf/quick.toml", "--name", "own-data"),
+            *("--node-data", str(sites), "--workdir", str(workdir)),
+            *("--set", "server-test-set=false", "--set", "fraction-evaluate=1.0"),
+            results=results,
+            data_root=tmp_path / "no-public-data-here",
+            timeout=RUN_TIMEOUT,
+            margin=120,
+        )
+    finally:
+        leftovers = processes_with_home(workdir / "flwr-home")
+        if leftovers:
+            stop_processes(leftovers)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-8000:]
+    assert "final federated accuracy (clients' held-out data)" in output
+
+    folder = results / "own-data"
+    rounds = _read_json(folder / "metrics.json")["rounds"]
+    assert {r for r, v in rounds.items() if "federated-accuracy" in v} == {
+        str(r) for r in range(1, QUICK["num-rounds"] + 1)
+    }
+    assert not any("accuracy" in v for v in rounds.values())
+    ids = {content_id(f) for f in folders}  # no partition ids: each node's from its data
+    assert sorted(_read_json(folder / "label_counts.json")) == sorted(f"client-{i}" for i in ids)
+    participation = _read_json(folder / "participation.json")
+    assert all(set(entry["partitions"].values()) == ids for entry in participation.values())
+
+
+def test_deploy_local_refuses_missing_node_folders_before_starting_anything(
+    tmp_path: Path, data_root: Path
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.local",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--node-data",
+            str(tmp_path / "sites"),
+            "--set",
+            f"data-root={json.dumps(str(data_root))}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--node-data" in result.stderr and "mosaic-node-data" in result.stderr
+    assert not (tmp_path / "work").exists()
 
 
 def test_unregistered_supernode_is_refused_and_a_killed_supernode_does_not_stop_the_run(
