@@ -129,13 +129,18 @@ def test_a_flipped_model_loses_the_weight_of_the_classes_it_cannot_recognise(
     )
     strategy.generators = {pid: {} for pid in truths}
     strategy.rounds[1] = RoundLog()
-    accepted = [SimpleNamespace(node=10 + p, reply=SimpleNamespace(partition_id=p)) for p in truths]
+    accepted = [
+        SimpleNamespace(node=10 + p, reply=SimpleNamespace(partition_id=p, num_examples=60))
+        for p in truths
+    ]
     counts = np.array([[30, 30, 30, 0], [30, 0, 30, 0], [0, 30, 30, 0]])
     backed = strategy.backed_counts(1, accepted, [{}] * 3, counts)
     # client 2's own generator, labelled by its flipped model, cannot vouch for it, and the
     # honest generators' samples show it calls 0s 1 and 1s 2: both its claims go
     np.testing.assert_array_equal(backed, [[30, 30, 30, 0], [30, 0, 30, 0], [0, 0, 0, 0]])
     assert strategy.rounds[1].bounded == {12: "label-claim-unbacked: classes [1, 2]"}
+    # from now on its FedAvg weight is the share of its samples the check backs: none
+    assert strategy.client_weights(accepted) == [None, None, 1]
 
 
 # --- whole runs ------------------------------------------------------------------------------

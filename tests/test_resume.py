@@ -232,6 +232,7 @@ def test_checkpoint_holds_the_whole_server_state_as_plain_data(uninterrupted) ->
         "meta-model",
         "widths",
         "tier-statistics",
+        "backed-share",
     }
     assert sorted(checkpoint["metrics"]) == [0, 1, 2, 3]
     assert checkpoint["strategy"]["prototype-bank"]  # rounds 1 and 2 of the bank

@@ -66,6 +66,8 @@ class TeacherStrategy(CheckedFedAvg):
     def __init__(self, cfg: RunConfig, *args, **kwargs) -> None:
         super().__init__(cfg, *args, **kwargs)
         self.generators: dict[int, dict[str, torch.Tensor]] = {}  # partition id -> weights
+        # partition id -> the share of its samples in classes its model backs (last check)
+        self.backed_share: dict[int, float] = {}
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -169,7 +171,9 @@ class TeacherStrategy(CheckedFedAvg):
         (``min-claim-agreement``): every generator's samples, labelled by their owner, are
         scored by every accepted model (:func:`~server_app.defences.claim_scores`), and a class
         a client claims but its model cannot tell apart weighs nothing in the experts and the
-        prior. Each such client is filed under the round's ``bounded`` with the classes."""
+        prior; each such client is filed under the round's ``bounded`` with the classes, and
+        its FedAvg weight from then on is scaled by the share of its samples the check backs
+        (:meth:`client_weights`)."""
         partitions = sorted(self.generators)
         if not partitions:
             return counts
@@ -183,12 +187,29 @@ class TeacherStrategy(CheckedFedAvg):
             ]
         scores = claim_scores(outputs, [position.get(pid, -1) for pid in partitions])
         refused = unsupported_claims(counts, scores, self.cfg.min_claim_agreement)
-        for entry, classes in zip(accepted, refused, strict=True):
+        for entry, row, classes in zip(accepted, counts, refused, strict=True):
+            total = float(row.sum())
+            backed = float(row[~classes].sum()) / total if total > 0 else 1.0
+            self.backed_share[entry.reply.partition_id] = backed
             if classes.any():
                 rule = f"label-claim-unbacked: classes {np.flatnonzero(classes).tolist()}"
                 self.rounds[server_round].bounded[entry.node] = rule
                 log(WARNING, "round %d: node %d %s", server_round, entry.node, rule)
         return np.where(refused, 0, counts)
+
+    def client_weights(self, accepted: list[Accepted]) -> list[int | None]:
+        """FedAvg's weights (``max-weight-ratio`` included), each scaled, once
+        ``min-claim-agreement`` has checked the client, by the share of its samples whose
+        classes its model backs: a model that recognises none of the classes it claims (one
+        trained on wrong labels) barely moves the average."""
+        weights = super().client_weights(accepted)
+        scaled = []
+        for entry, weight in zip(accepted, weights, strict=True):
+            share = self.backed_share.get(entry.reply.partition_id, 1.0)
+            if share < 1.0:
+                weight = max(1, int((weight or entry.reply.num_examples) * share))
+            scaled.append(weight)
+        return scaled
 
     def teach(self, student: Classifier, clients: ClientModels) -> Figures:
         """Build the teacher, transfer it into ``student``; evaluate both, before and after.
@@ -275,11 +296,16 @@ class TeacherStrategy(CheckedFedAvg):
         return "warm-up-rounds" if server_round <= self.cfg.kd_round else "fine-tune-rounds"
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "generators": dict(self.generators)}
+        return {
+            **super().state_dict(),
+            "generators": dict(self.generators),
+            "backed-share": dict(self.backed_share),
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         super().load_state_dict(state)
         self.generators = dict(state["generators"])
+        self.backed_share = dict(state.get("backed-share", {}))
 
 
 class TeacherOnlyStrategy(TeacherStrategy):
