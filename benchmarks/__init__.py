@@ -247,6 +247,7 @@ ADDED_KEYS: dict[str, Any] = {
     "max-weight-ratio": 0.0,
     "min-claim-agreement": 0.0,
     "server-test-set": True,
+    "augment": "none",
     "aggregation": "mean",
     "trim-fraction": 0.2,
     "krum-malicious": 1,

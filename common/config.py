@@ -135,6 +135,9 @@ Aggregation = Literal["mean", "median", "trimmed-mean", "multi-krum"]
 # Which units of the global model a width-r client trains: the first ones (HeteroFL) or a
 # window that moves one unit a round (FedRolex), so that every unit is trained evenly.
 WidthScheme = Literal["static", "rolling"]
+# Local training's augmentation: none, or the CIFAR recipe (a random crop of the image padded by
+# 4 pixels, reflected, and a random horizontal flip), drawn per sample from the client's seed.
+Augmentation = Literal["none", "crop-flip"]
 _TIER = r"(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?):[1-9][0-9]{0,5}"  # rate in (0, 1] : clients >= 1
 
 
@@ -153,6 +156,7 @@ class LocalTraining:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     proximal_mu: float = 0.0  # FedProx's term, from the round's instructions
+    augment: Augmentation = "none"
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ class RunConfig(BaseModel):
     lr: float = Field(gt=0, le=10)
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0, le=1)
+    augment: Augmentation  # local training: "crop-flip" for CIFAR-style data
     proximal_mu: float = Field(ge=0, le=1e4)  # FedProx only (sent in each round's message)
     # --- Mosaic schedule --------------------------------------------------------------------
     kd_round: int = Field(ge=1, le=100_000)  # W: meta model + distillation after this round
@@ -411,6 +416,7 @@ class RunConfig(BaseModel):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             proximal_mu=proximal_mu,
+            augment=self.augment,
         )
 
     @property

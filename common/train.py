@@ -49,6 +49,23 @@ def squared_distance(parameters: Iterable[Tensor], anchor: Iterable[Tensor]) -> 
     return sum((p - a).pow(2).sum() for p, a in zip(parameters, anchor, strict=True))
 
 
+def crop_and_flip(images: Tensor, rng: torch.Generator, padding: int = 4) -> Tensor:
+    """Each image of ``[B, C, H, W]`` padded by ``padding`` pixels (reflected), cropped back
+    to ``H x W`` at a random offset and mirrored left-right with probability 1/2: the usual
+    CIFAR augmentation, one draw per sample from ``rng`` (a CPU generator, so a seed gives
+    the same batches on every device)."""
+    batch, _, height, width = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=rng).to(images.device)
+    flips = (torch.rand(batch, generator=rng) < 0.5).to(images.device)
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    rows = offsets[0][:, None] + torch.arange(height, device=images.device)  # [B, H]
+    columns = offsets[1][:, None] + torch.arange(width, device=images.device)  # [B, W]
+    columns = torch.where(flips[:, None], columns.flip(1), columns)
+    samples = torch.arange(batch, device=images.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[samples, rows[:, :, None], columns[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
 def train_local(
     model: nn.Module,
     images: torch.Tensor,
@@ -79,6 +96,8 @@ def train_local(
     for _ in range(steps):
         index = torch.randint(len(labels), (batch,), generator=rng)
         x, y = images[index].to(device), labels[index].to(device)
+        if settings.augment == "crop-flip":
+            x = crop_and_flip(x, rng)
         loss = F.cross_entropy(model(x), y)
         if anchor is not None:
             loss = loss + 0.5 * proximal_mu * squared_distance(model.parameters(), anchor)

@@ -6,6 +6,8 @@ so a few SGD steps already beat chance and accuracy-based checks mean something.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,33 @@ OTHER_VALUES: dict[str, Any] = {
     "lambda-ent": 0.5,
     "lambda-inv": 0.5,
 }
+
+
+def write_fake_cifar10(root: Path, monkeypatch: Any, per_batch: int = 20, seed: int = 0) -> Path:
+    """CIFAR-10's python release in torchvision's layout (``root/cifar-10-batches-py``), with
+    ``per_batch`` random images per batch file, as a user would extract it. torchvision accepts
+    the files only if their md5s match the real release's, so the fake ones are declared on the
+    class through ``monkeypatch`` and the same check runs unchanged. Returns ``root``."""
+    from torchvision.datasets import CIFAR10
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        if name == "batches.meta":
+            entry: dict[str, Any] = {"label_names": [f"class-{c}" for c in range(10)]}
+        else:
+            labels = rng.integers(0, 10, per_batch)
+            data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+            entry = {"data": data, "labels": labels.tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry))
+        checksums[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    monkeypatch.setattr(
+        CIFAR10,
+        "train_list",
+        [[f"data_batch_{i}", checksums[f"data_batch_{i}"]] for i in range(1, 6)],
+    )
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", checksums["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": checksums["batches.meta"]})
+    return root

@@ -10,6 +10,7 @@ from common.config import LocalTraining
 from common.models import Classifier, build_classifier
 from common.train import (
     compute_prototypes,
+    crop_and_flip,
     evaluate,
     evaluate_logits,
     kmeans,
@@ -105,6 +106,39 @@ def test_train_local_is_reproducible_for_a_seed() -> None:
 
     for key, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[key]), key
+
+
+def test_crop_and_flip_gives_each_image_a_shifted_window_of_itself_maybe_mirrored() -> None:
+    images = torch.arange(2 * 3 * 6 * 5, dtype=torch.float32).view(2, 3, 6, 5)
+    out = crop_and_flip(images, torch.Generator().manual_seed(3), padding=2)
+    assert out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    for i in range(len(images)):
+        crops = [padded[i, :, dy : dy + 6, dx : dx + 5] for dy in range(5) for dx in range(5)]
+        windows = crops + [crop.flip(-1) for crop in crops]
+        assert any(torch.equal(out[i], window) for window in windows), i
+    again = crop_and_flip(images, torch.Generator().manual_seed(3), padding=2)
+    assert torch.equal(out, again)  # one seed, one augmentation
+
+
+def test_crop_and_flip_draws_every_offset_and_both_orientations() -> None:
+    image = torch.arange(36, dtype=torch.float32).view(1, 1, 6, 6).repeat(400, 1, 1, 1)
+    out = crop_and_flip(image, torch.Generator().manual_seed(0), padding=1)
+    distinct = {tuple(o.flatten().tolist()) for o in out}
+    assert len(distinct) == 3 * 3 * 2  # 9 offsets x mirrored or not
+
+
+def test_train_local_with_augmentation_is_reproducible_and_trains_on_other_images() -> None:
+    images, labels = _toy_set()
+    models = [_toy_model() for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    _train(models[0], images, labels, augment="crop-flip", seed=4)
+    _train(models[1], images, labels, augment="crop-flip", seed=4)
+    _train(models[2], images, labels, seed=4)
+    params = [list(model.parameters()) for model in models]
+    assert all(torch.equal(a, b) for a, b in zip(params[0], params[1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(params[0], params[2], strict=True))
 
 
 def test_batch_larger_than_the_data_uses_all_of_it() -> None:
