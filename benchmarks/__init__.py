@@ -248,6 +248,7 @@ ADDED_KEYS: dict[str, Any] = {
     "min-claim-agreement": 0.0,
     "server-test-set": True,
     "augment": "none",
+    "tracking": "none",
     "aggregation": "mean",
     "trim-fraction": 0.2,
     "krum-malicious": 1,

@@ -95,6 +95,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "fraction-train",
             "fraction-evaluate",
             "server-test-set",
+            "tracking",
             "round-timeout",
             "min-replies",
             "lr",
@@ -138,6 +139,7 @@ WidthScheme = Literal["static", "rolling"]
 # Local training's augmentation: none, or the CIFAR recipe (a random crop of the image padded by
 # 4 pixels, reflected, and a random horizontal flip), drawn per sample from the client's seed.
 Augmentation = Literal["none", "crop-flip"]
+Tracking = Literal["none", "tensorboard"]  # besides the results folder (server_app/tracking.py)
 _TIER = r"(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?):[1-9][0-9]{0,5}"  # rate in (0, 1] : clients >= 1
 
 
@@ -271,6 +273,7 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(gt=0, le=1)
     fraction_evaluate: float = Field(ge=0, le=1)
     server_test_set: bool  # false: the server holds no data; evaluation is federated only
+    tracking: Tracking  # "tensorboard": every round's scalars as TensorBoard events too
     round_timeout: float = Field(gt=0, le=604_800)
     min_replies: int = Field(ge=1, le=100_000)  # fewer accepted replies: the round is skipped
     local_steps: int = Field(ge=1, le=1_000_000)

@@ -22,6 +22,7 @@ from common.config import ConfigError, RunConfig, parse_run_config, pyproject_de
 from common.data import DatasetNotFoundError, load_dataset
 from common.train import resolve_device
 from server_app.strategies import validate_run_config
+from server_app.tracking import check_tracking
 
 REPO = Path(__file__).resolve().parent.parent
 # What flwr run's --federation-config accepts: the fields of Flower's SimulationConfig.
@@ -101,6 +102,7 @@ def check_runnable(cfg: RunConfig, clients: int, public_data: bool = True) -> to
         device = resolve_device(cfg.device)
     except RuntimeError as error:
         raise ConfigError(f"device: {error}") from None
+    check_tracking(cfg.tracking)
     if not public_data:
         return device
     try:

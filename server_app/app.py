@@ -148,7 +148,10 @@ def main(grid: Grid, context: Context) -> None:
     seed_everything(cfg.seed)
     report = RunReport(results_root(cfg), cfg, dict(context.run_config))
     with RunLog(report.folder):  # the log goes to run.log too, while this run lasts
-        run(grid, context, cfg, report)
+        try:
+            run(grid, context, cfg, report)
+        finally:
+            report.close()
         report.add_phase_seconds("total", round(time.perf_counter() - started, 1))
         _log_summary(cfg, report)
         write_report_page(report.folder)

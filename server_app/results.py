@@ -41,6 +41,7 @@ from common.data import (
     generator_to_classifier_input,
 )
 from common.models import Classifier, Generator, build_classifier
+from server_app.tracking import make_tracker
 
 CONFIG, METRICS, PARTICIPATION, LABEL_COUNTS, FINAL_MODEL = (
     "config.json",
@@ -128,12 +129,19 @@ class RunReport:
         self.cfg = cfg
         self.rounds: dict[int, dict[str, Any]] = {}
         self.phases: dict[str, float] = {}
+        self.tracker = make_tracker(cfg.tracking, self.folder)
         _write_json(self.folder / CONFIG, run_config)
 
     def record_round(self, server_round: int, **values: Any) -> None:
-        """Merge ``values`` into the round's entry and rewrite metrics.json."""
+        """Merge ``values`` into the round's entry, rewrite metrics.json and pass them to the
+        tracker (``tracking``)."""
         self.rounds.setdefault(server_round, {}).update(values)
         self._write_metrics()
+        self.tracker.log_round(server_round, values)
+
+    def close(self) -> None:
+        """Flush and close the tracker; the files are complete after every round anyway."""
+        self.tracker.close()
 
     def state_dict(self) -> dict[int, dict[str, Any]]:
         """The per-round metrics so far, for checkpoints (phase times are per process)."""

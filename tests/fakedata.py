@@ -98,6 +98,7 @@ OTHER_VALUES: dict[str, Any] = {
     "fraction-train": 0.5,
     "fraction-evaluate": 0.3,
     "server-test-set": False,
+    "tracking": "tensorboard",
     "round-timeout": 30.0,
     "min-replies": 2,
     "lr": 0.05,
