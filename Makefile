@@ -25,7 +25,7 @@ SUITE ?= quick
 BENCH_ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: setup run run-fedavg test test-unit bench speed gpu-check lint clean-results
+.PHONY: setup run run-fedavg test test-unit bench speed gpu-check compose-test lint clean-results
 
 setup:
 	bash scripts/setup.sh
@@ -57,6 +57,10 @@ gpu-check: setup
 	$(PY) -m benchmarks --suite full --no-reply-cache --force --device cuda --cells $(SPEED_CELLS)
 	$(PY) -m benchmarks --suite full --no-reply-cache --force --device cpu --cells $(SPEED_CELLS) \
 		--out benchmarks/results/speed-cpu
+
+# The docker-compose demo for real, with stand-in images (sets up a Docker engine if none runs).
+compose-test:
+	bash scripts/compose_demo.sh
 
 lint:
 	$(PY) -m ruff check .
