@@ -152,9 +152,16 @@ OTHER_VALUES: dict[str, Any] = {
 }
 
 
-def write_fake_cifar10(root: Path, monkeypatch: Any, per_batch: int = 20, seed: int = 0) -> Path:
+def write_fake_cifar10(
+    root: Path,
+    monkeypatch: Any,
+    per_batch: int = 20,
+    seed: int = 0,
+    batch: tuple[np.ndarray, list[int]] | None = None,
+) -> Path:
     """CIFAR-10's python release in torchvision's layout (``root/cifar-10-batches-py``), with
-    ``per_batch`` random images per batch file, as a user would extract it. torchvision accepts
+    ``per_batch`` random images per batch file (or every file holding ``batch``: rows of
+    R, G, B planes and their labels), as a user would extract it. torchvision accepts
     the files only if their md5s match the real release's, so the fake ones are declared on the
     class through ``monkeypatch`` and the same check runs unchanged. Returns ``root``."""
     from torchvision.datasets import CIFAR10
@@ -167,9 +174,11 @@ def write_fake_cifar10(root: Path, monkeypatch: Any, per_batch: int = 20, seed: 
         if name == "batches.meta":
             entry: dict[str, Any] = {"label_names": [f"class-{c}" for c in range(10)]}
         else:
-            labels = rng.integers(0, 10, per_batch)
-            data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
-            entry = {"data": data, "labels": labels.tolist()}
+            data, labels = batch or (
+                rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8),
+                rng.integers(0, 10, per_batch).tolist(),
+            )
+            entry = {"data": data, "labels": list(labels)}
         (folder / name).write_bytes(pickle.dumps(entry))
         checksums[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
     monkeypatch.setattr(

@@ -1,13 +1,11 @@
 """Datasets, normalisation and partitions, on tiny synthetic files in torchvision's formats."""
 
 import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torchvision.datasets import CIFAR10
 
 from common.data import (
     DatasetNotFoundError,
@@ -20,6 +18,7 @@ from common.data import (
     load_dataset,
     partition_indices,
 )
+from tests.fakedata import write_fake_cifar10
 
 SCHEMES = ["dirichlet", "iid", "pathological"]
 # With random class assignment some class may go to no partition; flwr_datasets warns about it.
@@ -148,25 +147,9 @@ def test_load_fashion_mnist_from_idx_files_is_normalised_and_cached(tmp_path) ->
 
 
 def test_load_cifar10_from_pickled_batches(tmp_path, monkeypatch) -> None:
-    # torchvision accepts CIFAR-10 only if every file matches the md5 of the real release. The
-    # fake files get their own md5s declared on the class, so the same check runs unchanged.
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     plane = np.full((2, 1024), 0, dtype=np.uint8)
     data = np.concatenate([plane, plane + 255, plane + 51], axis=1)  # R, G, B planes: 0, 1, 0.2
-    checksums = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
-        entry = {"label_names": ["c"] * 10} if name == "batches.meta" else {"data": data}
-        entry.setdefault("labels", [3, 7])
-        (folder / name).write_bytes(pickle.dumps(entry))
-        checksums[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
-    monkeypatch.setattr(
-        CIFAR10,
-        "train_list",
-        [[f"data_batch_{i}", checksums[f"data_batch_{i}"]] for i in range(1, 6)],
-    )
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", checksums["test_batch"]]])
-    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": checksums["batches.meta"]})
+    write_fake_cifar10(tmp_path, monkeypatch, batch=(data, [3, 7]))
 
     images, labels = load_dataset("cifar10", tmp_path, train=True)
     assert images.shape == (10, 3, 32, 32) and labels.tolist() == [3, 7] * 5

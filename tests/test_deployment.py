@@ -99,44 +99,16 @@ def test_a_new_san_reissues_the_server_certificate_only(tmp_path: Path) -> None:
 # --- local deployment, real processes ---------------------------------------------------------
 
 
-def test_deploy_local_rejects_an_oversized_generator_before_starting_anything(
-    tmp_path: Path, data_root: Path
-) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.local",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--set",
-            f"data-root={json.dumps(str(data_root))}",
-            "--set",
-            "gen-channels=4000",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "gen-channels" in result.stderr and "budget" in result.stderr
-    assert not (tmp_path / "work").exists()  # no certificate made, no process started
-
-
-def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
-    tmp_path: Path, data_root: Path
-) -> None:
-    """The quick config with width tiers: partitions 0 and 2 train the full model, partition 1
-    (its node config's ``width=0.25``) a quarter-width sub-model."""
-    workdir, results = tmp_path / "work", tmp_path / "results"
+def _deploy_local(
+    workdir: Path, results: Path, data_root: Path, *args: str
+) -> tuple[str, list[int]]:
+    """``deploy.local`` on the quick profile with ``args``: its output (after asserting it
+    exited 0) and the processes it left (stopped here, for the test to fail on)."""
     try:
         result = run_launcher(
             "deploy.local",
-            *("--clients", "3", "--profile", "conf/quick.toml", "--name", "deploy-quick"),
-            *("--set", 'width-tiers="1:2,0.25:1"', "--widths", "1,0.25,1"),
-            *("--workdir", str(workdir)),
+            *("--clients", "3", "--profile", "conf/quick.toml", "--workdir", str(workdir)),
+            *args,
             results=results,
             data_root=data_root,
             timeout=RUN_TIMEOUT,
@@ -147,8 +119,49 @@ def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
         if leftovers:
             stop_processes(leftovers)
     output = result.stdout + result.stderr
-
     assert result.returncode == 0, output[-8000:]
+    return output, leftovers
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "gen-channels=4000"], ["gen-channels", "budget"]),  # over the message limit
+        (["--node-data", "sites"], ["--node-data", "mosaic-node-data"]),  # no such folders
+    ],
+)
+def test_deploy_local_refuses_what_cannot_run_before_starting_anything(
+    tmp_path: Path, data_root: Path, args: list[str], named: list[str]
+) -> None:
+    args = [str(tmp_path / a) if a == "sites" else a for a in args]
+    data = f"data-root={json.dumps(str(data_root))}"
+    work = str(tmp_path / "work")
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.local", "--workdir", work, *args, "--set", data],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert all(name in result.stderr for name in named), result.stderr
+    assert not (tmp_path / "work").exists()  # no certificate made, no process started
+
+
+def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """The quick config with width tiers: partitions 0 and 2 train the full model, partition 1
+    (its node config's ``width=0.25``) a quarter-width sub-model."""
+    workdir, results = tmp_path / "work", tmp_path / "results"
+    output, leftovers = _deploy_local(
+        workdir,
+        results,
+        data_root,
+        *("--name", "deploy-quick", "--set", 'width-tiers="1:2,0.25:1"', "--widths", "1,0.25,1"),
+    )
+
     assert not leftovers, "deploy.local left processes running"
     assert re.search(r"Run \d+ finished:completed", output)
     assert "final test accuracy" in output and "bytes per client per round" in output
@@ -193,23 +206,14 @@ def test_deploy_local_supernodes_on_their_own_folders_and_a_server_without_test_
     the run is judged by the nodes' evaluation of their held-out data."""
     workdir, results, sites = tmp_path / "work", tmp_path / "results", tmp_path / "sites"
     folders = write_node_folders("fashion-mnist", data_root, sites, 3, alpha=0.5)
-    try:
-        result = run_launcher(
-            "deploy.local",
-            *("--clients", "3", "--profile", "conf/quick.toml", "--name", "own-data"),
-            *("--node-data", str(sites), "--workdir", str(workdir)),
-            *("--set", "server-test-set=false", "--set", "fraction-evaluate=1.0"),
-            results=results,
-            data_root=tmp_path / "no-public-data-here",
-            timeout=RUN_TIMEOUT,
-            margin=120,
-        )
-    finally:
-        leftovers = processes_with_home(workdir / "flwr-home")
-        if leftovers:
-            stop_processes(leftovers)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-8000:]
+    output, leftovers = _deploy_local(
+        workdir,
+        results,
+        tmp_path / "no-public-data-here",
+        *("--name", "own-data", "--node-data", str(sites)),
+        *("--set", "server-test-set=false", "--set", "fraction-evaluate=1.0"),
+    )
+    assert not leftovers, "deploy.local left processes running"
     assert "final federated accuracy (clients' held-out data)" in output
 
     folder = results / "own-data"
@@ -222,31 +226,6 @@ def test_deploy_local_supernodes_on_their_own_folders_and_a_server_without_test_
     assert sorted(_read_json(folder / "label_counts.json")) == sorted(f"client-{i}" for i in ids)
     participation = _read_json(folder / "participation.json")
     assert all(set(entry["partitions"].values()) == ids for entry in participation.values())
-
-
-def test_deploy_local_refuses_missing_node_folders_before_starting_anything(
-    tmp_path: Path, data_root: Path
-) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.local",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--node-data",
-            str(tmp_path / "sites"),
-            "--set",
-            f"data-root={json.dumps(str(data_root))}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "--node-data" in result.stderr and "mosaic-node-data" in result.stderr
-    assert not (tmp_path / "work").exists()
 
 
 def test_unregistered_supernode_is_refused_and_a_killed_supernode_does_not_stop_the_run(
