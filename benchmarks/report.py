@@ -60,6 +60,17 @@ def _by_setting(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, lis
     return table
 
 
+def _split_note(records: Sequence[Mapping[str, Any]]) -> str:
+    """Which seed split the data: each run's own (``partition-seed`` -1, the default) or a
+    fixed one, so that a reader knows whether the spread over seeds includes the split's."""
+    fixed = sorted(
+        {int(r["config"].get("partition-seed", -1)) for r in records if "config" in r} - {-1}
+    )
+    if not fixed:
+        return "Each seed also draws its own data split (`partition-seed` follows `seed`)."
+    return f"The data split is fixed by `partition-seed` {', '.join(map(str, fixed))} in some runs."
+
+
 def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> str:
     """Markdown: per setting, one row per method (mean ± std over seeds, in %)."""
     lines = [f"# Benchmark results{f' ({suite_name} suite)' if suite_name else ''}", ""]
@@ -69,7 +80,8 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
         "judged by their teacher accuracy at the kd-round. Wall time is the whole run, less the "
         "client work a cell reused from another (*replies reused*: client replies taken from "
         "the reply cache, of all the cells' replies; a reused reply is the one the client "
-        "would send again). Uplink is the mean total bytes a client sent over the run."
+        "would send again). Uplink is the mean total bytes a client sent over the run. "
+        + _split_note(records)
     )
     if suite_name:
         lines += ["", render_targets(records, suite_name, method_accuracy, TEACHER_ONLY).rstrip()]
