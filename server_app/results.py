@@ -228,7 +228,10 @@ class RunReport:
         kd = self.rounds.get(self.cfg.kd_round, {})
         if "teacher-accuracy" in kd:
             ax.axhline(
-                kd["teacher-accuracy"], color="gray", linestyle="--", label="MoE + meta teacher"
+                kd["teacher-accuracy"],
+                color="gray",
+                linestyle="--",
+                label=f"teacher ({self.cfg.strategy}, round {self.cfg.kd_round})",
             )
         if "pre-kd-accuracy" in kd:
             ax.scatter(
