@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = f"One attacker of {args.clients} clients, profile {args.profile.name}"
     for seed in args.seeds:
         for defences in args.defences:
-            overrides = DEFENCES_ON if defences == "on" else {}
+            # "off" zeroes the options, whatever the profile sets (the default profile has them on)
+            overrides = DEFENCES_ON if defences == "on" else dict.fromkeys(DEFENCES_ON, 0.0)
             config = {**base, **overrides, "seed": seed}
             clean = run_one({**config, "run-name": f"clean-{defences}-s{seed}"}, args.clients, None)
             print(f"seed {seed}, defences {defences}: clean {clean['accuracy']:.4f}", flush=True)
