@@ -2,12 +2,14 @@
 
 What leaves the client (and nothing else): model weights, its sample count, one label count per
 class, k-means prototypes (cluster centres of at least ``min-proto-samples`` samples) when the
-server asks for them, its generator's weights once per run, and the width it trained at.
+server asks for them, its generator's weights once per run, and the width (and, in a federation of
+several, the architecture) it trained.
 
 With ``width-tiers`` a client trains a width sub-model of the global model (``common.tiers``
 says which; ``common.submodels`` how it is cut). The server sends a node its slice once it
 knows the node's width; until then it sends the full model and the client cuts its own slice
-with the same rule.
+with the same rule. With ``architectures`` a client runs its own architecture
+(``common.architectures``) and is sent, or cuts out of the server's zoo, that member.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from common.architectures import ArchitectureSlicer, node_architecture
 from common.config import RunConfig, parse_run_config
 from common.data import (
     dataset_info,
@@ -86,20 +89,50 @@ def _width(cfg: RunConfig, context: Context) -> float:
     return node_width(cfg.tiers, context.node_config, partition_id, num_partitions, cfg.data_seed)
 
 
+def _arch(cfg: RunConfig, context: Context) -> str | None:
+    """This node's architecture in a federation of several (``architectures``, or its node
+    config's ``arch``); None when every client runs ``model``."""
+    if not cfg.architectures:
+        return None
+    partition_id, num_partitions = _identity(context)
+    return node_architecture(
+        cfg.architecture_rule, context.node_config, partition_id, num_partitions, cfg.data_seed
+    )
+
+
 def _model_from(
-    cfg: RunConfig, msg: Message, rate: float, window_start: int | None = None
+    cfg: RunConfig,
+    msg: Message,
+    rate: float,
+    window_start: int | None = None,
+    arch: str | None = None,
 ) -> Classifier:
-    """This node's model at ``rate``, holding the weights the server sent: its slice as sent,
-    or cut here from the full model (windows from ``window_start``, by default the round's)."""
+    """This node's model at ``rate`` (of architecture ``arch``, by default ``model``), holding
+    the weights the server sent: its slice or member as sent, or cut here from the full model
+    (windows from ``window_start``, by default the round's) or the zoo of architectures."""
     info = dataset_info(cfg.dataset)
     model = build_classifier(
-        cfg.model,
+        arch or cfg.model,
         num_classes=info.num_classes,
         in_shape=info.image_shape,
         width=cfg.model_width * rate,
     )
     state = record_to_state(msg.content[ARRAYS])
-    if rate != 1.0 and state_signature(state) != state_signature(model.state_dict()):
+    if arch is not None and state_signature(state) != state_signature(model.state_dict()):
+        zoo = ArchitectureSlicer(
+            [name for name, _ in cfg.architecture_rule],
+            cfg.model,
+            num_classes=info.num_classes,
+            in_shape=info.image_shape,
+            model_width=cfg.model_width,
+        )
+        if state_signature(state) != state_signature(zoo.full.state_dict()):
+            raise ValueError(
+                f"the server sent weights that fit neither this node's architecture {arch!r} "
+                "nor the zoo of the run's: are server and node on the same architectures?"
+            )
+        state = zoo.slice(state, arch)
+    elif rate != 1.0 and state_signature(state) != state_signature(model.state_dict()):
         slicer = WidthSlicer(
             cfg.model,
             num_classes=info.num_classes,
@@ -152,7 +185,8 @@ def train(msg: Message, context: Context) -> Message:
     images, labels, partition_id = _local_data(cfg, context)
     seed = cfg.seed + 1000 * partition_id + server_round
     rate = _width(cfg, context)
-    model = _model_from(cfg, msg, rate)
+    arch = _arch(cfg, context)
+    model = _model_from(cfg, msg, rate, arch=arch)
 
     # Prototypes describe the data under the *global* model (whose feature space the experts'
     # heads share), so they are taken before local training moves the model away from it.
@@ -199,6 +233,7 @@ def train(msg: Message, context: Context) -> Message:
         prototypes=prototypes,
         generator_state=generator_state,
         width=rate,
+        arch=arch,
     )
     return Message(reply, reply_to=msg)
 
@@ -219,7 +254,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             partition_id
         ]
         images, labels = images[shard], labels[shard]
-    model = _model_from(cfg, msg, _width(cfg, context), window_start=0)
+    model = _model_from(cfg, msg, _width(cfg, context), window_start=0, arch=_arch(cfg, context))
     result = evaluate(model, images, labels, resolve_device(cfg.device))
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "accuracy": result.accuracy, "loss": result.loss}

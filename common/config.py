@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.architectures import Architectures, parse_architectures
 from common.data import dataset_names
 from common.models import classifier_names, supports_width_tiers
 from common.tiers import Tiers, parse_width_tiers
@@ -267,6 +268,8 @@ class RunConfig(BaseModel):
     # "" or "rate:clients,...", e.g. "1:4,0.5:3,0.25:3" (common.tiers)
     width_tiers: str = Field(pattern=rf"^({_TIER}(,{_TIER})*)?$", max_length=1_000)
     width_scheme: WidthScheme
+    # "" or "model:clients,...", e.g. "cnn:4,resnet8:3,mlp:3" (common.architectures)
+    architectures: str = Field(pattern=r"^[a-z0-9:,]*$", max_length=1_000)
     exclusive_width: float = Field(gt=0, le=1)  # fedavg-exclusive: average only this width
     num_rounds: int = Field(ge=1, le=100_000)
     min_nodes: int = Field(ge=1, le=100_000)  # wait until this many nodes are connected
@@ -358,6 +361,26 @@ class RunConfig(BaseModel):
                     "widths; width-tiers average each coordinate over the clients that hold it "
                     "('mean')"
                 )
+        if self.architectures:
+            try:
+                names = [name for name, _ in parse_architectures(self.architectures)]
+            except ValueError as error:
+                raise ValueError(f"architectures: {error}") from None
+            if self.model not in names:
+                raise ValueError(
+                    f"model: {self.model!r} is the student the server distills into and "
+                    f"evaluates, so it must be one of architectures ({names})"
+                )
+            if self.width_tiers:
+                raise ValueError(
+                    "width-tiers: cannot be combined with architectures (clients run either "
+                    "width sub-models of one model or models of several architectures)"
+                )
+            if self.aggregation != "mean":
+                raise ValueError(
+                    f"aggregation: {self.aggregation!r} is not defined across architectures; "
+                    "each architecture's models are averaged over its own clients ('mean')"
+                )
         if self.resume and not self.run_name:
             raise ValueError("resume: needs the run-name of the run to continue")
         if not self.server_test_set and self.fraction_evaluate == 0:
@@ -382,6 +405,11 @@ class RunConfig(BaseModel):
     def tiers(self) -> Tiers:
         """The width tiers as (rate, clients) pairs; () when every client trains the full model."""
         return parse_width_tiers(self.width_tiers)
+
+    @property
+    def architecture_rule(self) -> Architectures:
+        """The architectures as (model, clients) pairs; () when every client runs ``model``."""
+        return parse_architectures(self.architectures)
 
     @property
     def generator_round_resolved(self) -> int:

@@ -116,6 +116,12 @@ class BatchNormInversionLoss:
 
         return record
 
+    @property
+    def ran(self) -> bool:
+        """Whether a BatchNorm2d layer recorded a term in the latest pass with gradients (an MLP,
+        or a zoo member that did not run, has none)."""
+        return bool(self._terms)
+
     def value(self) -> Tensor:
         """The term for the latest forward pass (each layer's entry is overwritten per pass)."""
         if not self._terms:

@@ -154,8 +154,58 @@ class CifarResNet18(Classifier):
         return self.body(_channels_last(x))
 
 
+class SmallResNet(Classifier):
+    """A ResNet-8 for small images: a 3x3 stem and three basic blocks (16, 32, 64 channels, the
+    last two at stride 2), global average pooling. A second convolutional family beside the
+    CNN, with shortcuts and BatchNorm everywhere, for federations of mixed architectures."""
+
+    def __init__(self, in_shape: ImageShape, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        planes = [max(1, round(p * width)) for p in (16, 32, 64)]
+        self.body = nn.Sequential(
+            nn.Conv2d(in_shape[0], planes[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(planes[0]),
+            nn.ReLU(inplace=True),
+            BasicBlock(planes[0], planes[0], 1),
+            BasicBlock(planes[0], planes[1], 2),
+            BasicBlock(planes[1], planes[2], 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.feature_dim = planes[2]
+        self.head = nn.Linear(planes[2], num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(_channels_last(x))
+
+
+class MLP(Classifier):
+    """Two hidden dense layers (256, 128) on the flattened image, no BatchNorm: the model a
+    client without convolution support runs, and the family whose parameters share nothing
+    with the others (DENSE's BatchNorm-matching term has nothing to read in it)."""
+
+    def __init__(self, in_shape: ImageShape, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        channels, height, width_px = in_shape
+        h1, h2 = (max(1, round(n * width)) for n in (256, 128))
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * height * width_px, h1),
+            nn.ReLU(inplace=True),
+            nn.Linear(h1, h2),
+            nn.ReLU(inplace=True),
+        )
+        self.feature_dim = h2
+        self.head = nn.Linear(h2, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 _CLASSIFIERS: dict[str, Callable[..., Classifier]] = {
     "cnn": SmallCNN,
+    "mlp": MLP,
+    "resnet8": SmallResNet,
     "resnet18": CifarResNet18,
 }
 

@@ -10,11 +10,12 @@ server never has to be told: each reply declares the width it trained. A SuperNo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 Tiers = tuple[tuple[float, int], ...]  # (rate, share), in the order written
 _SALT = 0x71E25  # the tier shuffle draws from its own stream, not the partitioning's
 
@@ -53,24 +54,37 @@ def assign_widths(tiers: Tiers, num_partitions: int, seed: int) -> list[float]:
     """The rate of every partition id under the rule (all 1.0 without one)."""
     if not tiers:
         return [1.0] * num_partitions
-    if num_partitions < len(tiers):
+    return assign_shares(tiers, num_partitions, seed, "width-tiers", "tiers", _SALT)
+
+
+def assign_shares(
+    shares: Sequence[tuple[T, int]],
+    num_partitions: int,
+    seed: int,
+    key: str,
+    what: str,
+    salt: int,
+) -> list[T]:
+    """Deal ``(value, share)`` pairs out to ``num_partitions`` partition ids: the shares scaled
+    to the partition count (each value keeps at least one partition, largest remainders get
+    the rest), then a seeded shuffle of the ids. ``key`` and ``what`` ("tiers") word errors."""
+    if num_partitions < len(shares):
         raise ValueError(
-            f"width-tiers: {len(tiers)} tiers need at least as many clients, "
-            f"there are {num_partitions}"
+            f"{key}: {len(shares)} {what} need at least as many clients, there are {num_partitions}"
         )
-    shares = np.array([share for _, share in tiers], dtype=float)
-    counts = np.maximum(1, np.floor(shares / shares.sum() * num_partitions)).astype(int)
+    weights = np.array([share for _, share in shares], dtype=float)
+    counts = np.maximum(1, np.floor(weights / weights.sum() * num_partitions)).astype(int)
     while counts.sum() > num_partitions:  # the floor of 1 overshot: take from the largest
         counts[np.argmax(counts)] -= 1
-    order = np.argsort(-(shares / shares.sum() * num_partitions - counts), kind="stable")
+    order = np.argsort(-(weights / weights.sum() * num_partitions - counts), kind="stable")
     for index in order[: num_partitions - counts.sum()]:  # largest remainders first
         counts[index] += 1
-    ladder = [rate for (rate, _), count in zip(tiers, counts, strict=True) for _ in range(count)]
-    order = np.random.default_rng([seed, _SALT]).permutation(num_partitions)
-    widths = [0.0] * num_partitions
+    ladder = [value for (value, _), count in zip(shares, counts, strict=True) for _ in range(count)]
+    order = np.random.default_rng([seed, salt]).permutation(num_partitions)
+    values: list[T] = [ladder[0]] * num_partitions
     for position, partition in enumerate(order):
-        widths[int(partition)] = ladder[position]
-    return widths
+        values[int(partition)] = ladder[position]
+    return values
 
 
 def node_width(

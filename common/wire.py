@@ -39,7 +39,8 @@ Signature = Mapping[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype)
 
 @dataclass(frozen=True)
 class TierShapes:
-    """What the uploads of a client training a width sub-model must look like."""
+    """What the uploads of a client training a sub-model (a width slice, or one architecture of
+    a mixed federation) must look like."""
 
     model: Signature
     feature_dim: int  # its prototypes' width
@@ -110,6 +111,13 @@ class TrainReply:
     label_counts: list[int]
     prototypes: Prototypes | None
     generator_state: dict[str, torch.Tensor] | None
+    arch: str | None = None  # the architecture it declares, in a federation of several
+
+    @property
+    def sub_model(self) -> float | str:
+        """What the client trained: its architecture's name in a federation of several, else
+        its width."""
+        return self.arch if self.arch is not None else self.width
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -132,16 +140,21 @@ def pack_train_reply(
     prototypes: Prototypes | None = None,
     generator_state: Mapping[str, torch.Tensor] | None = None,
     width: float = 1.0,
+    arch: str | None = None,
 ) -> RecordDict:
     """Everything a client may send after training: weights, counts, prototypes, generator,
-    and the width it trained at (``common.submodels``)."""
+    the width it trained at (``common.submodels``) and, in a federation of several
+    architectures, its own (``common.architectures``)."""
+    client = {"partition-id": int(partition_id), "width": float(width)}
+    if arch is not None:
+        client["arch"] = str(arch)
     content = RecordDict(
         {
             ARRAYS: state_to_record(state),
             METRICS: MetricRecord(
                 {"num-examples": int(num_examples), "train-loss": float(train_loss)}
             ),
-            CLIENT: ConfigRecord({"partition-id": int(partition_id), "width": float(width)}),
+            CLIENT: ConfigRecord(client),
             LABEL_COUNTS: MetricRecord({"counts": [int(c) for c in label_counts]}),
         }
     )
@@ -242,7 +255,7 @@ def validate_train_reply(
     protos_per_class: int,
     prototypes_expected: bool,
     generator_signature: Mapping[str, tuple[tuple[int, ...], str]] | None,
-    sub_models: Mapping[float, TierShapes] | None = None,
+    sub_models: Mapping[float | str, TierShapes] | None = None,
 ) -> TrainReply:
     """Check every rule a train reply must satisfy and decode it; raise on the first broken one.
 
@@ -251,12 +264,15 @@ def validate_train_reply(
     arriving anyway is rejected. The signatures are those of the full model; ``sub_models``
     gives the shapes of each other width a client may declare (``width`` in its ``client``
     record; none declared is the full model). Weights that do not fit the declared width break
-    ``width-declaration``.
+    ``width-declaration``. In a federation of several architectures ``sub_models`` is keyed by
+    architecture name, every reply must declare its ``arch``, and weights that do not fit it
+    break ``arch-declaration``.
     """
     _check_records(content)
-    partition_id, width = _check_client(content[CLIENT], sub_models or {})
-    if width != 1.0:
-        shapes = (sub_models or {})[width]
+    partition_id, width, arch = _check_client(content[CLIENT], sub_models or {})
+    declared = arch if arch is not None else width
+    if declared != 1.0:
+        shapes = (sub_models or {})[declared]
         model_signature, feature_dim = shapes.model, shapes.feature_dim
         if generator_signature is not None:
             generator_signature = shapes.generator
@@ -264,7 +280,8 @@ def validate_train_reply(
         state = _check_state("weights", content[ARRAYS], model_signature)
     except MalformedReplyError as error:
         if sub_models and error.rule in {"weights-keys", "weights-shape"}:
-            raise MalformedReplyError("width-declaration", f"declared {width:g}; {error}") from None
+            rule, what = ("arch-declaration", arch) if arch else ("width-declaration", f"{width:g}")
+            raise MalformedReplyError(rule, f"declared {what}; {error}") from None
         raise
     num_examples, train_loss = _check_metrics(content[METRICS])
     counts = _check_label_counts(content[LABEL_COUNTS], num_classes, num_examples)
@@ -291,6 +308,7 @@ def validate_train_reply(
         label_counts=counts,
         prototypes=prototypes,
         generator_state=generator_state,
+        arch=arch,
     )
 
 
@@ -319,21 +337,32 @@ def _check_records(content: RecordDict) -> None:
 
 
 def _check_client(
-    record: ConfigRecord, sub_models: Mapping[float, TierShapes]
-) -> tuple[int, float]:
-    """``partition-id`` (a non-negative int) and ``width`` (1.0 or a rate of ``sub_models``;
-    absent means 1.0), nothing else."""
-    if set(record.keys()) not in ({"partition-id"}, {"partition-id", "width"}):
+    record: ConfigRecord, sub_models: Mapping[float | str, TierShapes]
+) -> tuple[int, float, str | None]:
+    """``partition-id`` (a non-negative int), ``width`` (1.0 or a rate of ``sub_models``;
+    absent means 1.0) and ``arch`` (required exactly when ``sub_models`` names architectures,
+    one of them), nothing else."""
+    keys = set(record.keys())
+    if "partition-id" not in keys or keys - {"partition-id", "width", "arch"}:
         raise MalformedReplyError("client-keys", f"got {sorted(record.keys())[:5]}")
     partition_id = record["partition-id"]
     if not _is_int(partition_id) or partition_id < 0:
         raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
+    rates = sorted(key for key in sub_models if isinstance(key, float))
     width = record.get("width", 1.0)
-    if not isinstance(width, float) or (width != 1.0 and width not in sub_models):
+    if not isinstance(width, float) or (width != 1.0 and width not in rates):
         raise MalformedReplyError(
-            "width", f"{width!r} is not a width of this run ({[1.0, *sorted(sub_models)]})"
+            "width", f"{width!r} is not a width of this run ({[1.0, *rates]})"
         )
-    return partition_id, width
+    names = sorted(key for key in sub_models if isinstance(key, str))
+    arch = record.get("arch")
+    if names and (arch not in names or width != 1.0):
+        raise MalformedReplyError(
+            "arch", f"{arch!r} at width {width!r} is not an architecture of this run ({names})"
+        )
+    if not names and arch is not None:
+        raise MalformedReplyError("arch", f"declared {arch!r}, but this run has one architecture")
+    return partition_id, width, arch
 
 
 def _check_metrics(metrics: MetricRecord) -> tuple[int, float]:

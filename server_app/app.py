@@ -24,9 +24,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common.architectures import build_global_model
 from common.config import RunConfig
 from common.data import dataset_info, load_dataset
-from common.models import build_classifier
 from common.paths import data_root, results_root
 from common.train import evaluate, resolve_device
 from common.wire import record_to_state, state_to_record
@@ -163,8 +163,12 @@ def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None
     device = resolve_device(cfg.device)
     log(INFO, "Results go to %s (device: %s)", report.folder, device)
     info = dataset_info(cfg.dataset)
-    template = build_classifier(
-        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    template = build_global_model(
+        cfg.model,
+        cfg.architecture_rule,
+        num_classes=info.num_classes,
+        in_shape=info.image_shape,
+        width=cfg.model_width,
     )
     evaluate_model = _no_test_set
     if cfg.server_test_set:

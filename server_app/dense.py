@@ -7,7 +7,8 @@ iteration makes
 1. a generator step on ``CE(t(x), y) + lambda_bn L_bn + lambda_adv L_adv``: ``x = G(z, y)``
    should be classified as its target ``y`` by the teacher ``t``, match the BatchNorm
    statistics of every client model (DeepInversion, :class:`BatchNormInversionLoss`, averaged
-   over the clients) and be a sample on which the student ``s`` disagrees with the teacher:
+   over the clients whose models have BatchNorm: with mixed architectures an MLP's adds
+   nothing) and be a sample on which the student ``s`` disagrees with the teacher:
    ``L_adv = -mean(mask * KL(t(x) || s(x)))``. As in DENSE's released code, ``mask`` keeps the
    samples on which the two still agree (same argmax): the term pushes towards the decision
    boundaries without being rewarded, unboundedly, for samples the student already gets wrong.
@@ -175,11 +176,9 @@ def train_dense(
                     images = to_input(generator(z, y))
                     teacher_logits = teacher(images)
                     ce = F.cross_entropy(teacher_logits, y)
-                    bn = (
-                        torch.stack([inv.value() for inv in inversions]).mean()
-                        if inversions
-                        else ce.new_zeros(())
-                    )
+                    # over the client models whose BatchNorm ran (an MLP has none to match)
+                    terms = [inv.value() for inv in inversions if inv.ran]
+                    bn = torch.stack(terms).mean() if terms else ce.new_zeros(())
                     adv = (
                         adversarial_term(student(images), teacher_logits)
                         if lambda_adv

@@ -33,6 +33,7 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
+from common.architectures import build_global_model
 from common.config import RunConfig, parse_run_config
 from common.data import (
     DatasetInfo,
@@ -40,7 +41,7 @@ from common.data import (
     dataset_info,
     generator_to_classifier_input,
 )
-from common.models import Classifier, Generator, build_classifier
+from common.models import Classifier, Generator
 from server_app.tracking import make_tracker
 
 CONFIG, METRICS, PARTICIPATION, LABEL_COUNTS, FINAL_MODEL = (
@@ -360,8 +361,12 @@ def load_model(folder: Path | str) -> Classifier:
     folder = Path(folder)
     cfg = parse_run_config(json.loads((folder / CONFIG).read_text()))
     info = dataset_info(cfg.dataset)
-    model = build_classifier(
-        cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=cfg.model_width
+    model = build_global_model(
+        cfg.model,
+        cfg.architecture_rule,
+        num_classes=info.num_classes,
+        in_shape=info.image_shape,
+        width=cfg.model_width,
     )
     model.load_state_dict(torch.load(folder / FINAL_MODEL, weights_only=True))
     return model.eval()

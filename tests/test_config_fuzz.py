@@ -141,6 +141,13 @@ def valid_configs(draw) -> dict[str, Any]:
     if values["width-tiers"]:
         values["width-tiers"] = draw(st.sampled_from(["1:4,0.5:3,0.25:3", "0.25:2", "1:1,.5:1"]))
         values["model"], values["aggregation"] = "cnn", "mean"
+    if values["architectures"]:
+        values["architectures"] = draw(st.sampled_from(["cnn:4,resnet8:3,mlp:3", "mlp:1,cnn:2"]))
+        values["model"] = draw(st.sampled_from(["cnn", "mlp"]))
+        values["width-tiers"], values["aggregation"] = "", "mean"
+        if values["strategy"] == "mosaic":
+            values["strategy"] = "mosaic-no-meta"
+            values["meta-prior"] = draw(st.sampled_from(["label-share", "experts"]))
     if values["strategy"] == "fedavg-exclusive":
         rates = [float(item.split(":")[0]) for item in values["width-tiers"].split(",") if item]
         values["exclusive-width"] = draw(st.sampled_from([1.0, *rates]))
@@ -195,10 +202,22 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
         "meta-features",
         lambda draw, v: {
             "strategy": "mosaic",
+            "architectures": "",
             "meta-features": "global",
             "kd-round": 1,
             "proto-start-round": 1,
             "generator-round": draw(st.integers(0, 1)),
+        },
+    ),
+    ("model", lambda draw, v: {"architectures": "mlp:1,resnet8:1", "model": "cnn"}),
+    (
+        "architectures",
+        lambda draw, v: {
+            "strategy": "mosaic",
+            "architectures": "cnn:1,mlp:1",
+            "model": "cnn",
+            "width-tiers": "",
+            "aggregation": "mean",
         },
     ),
 ]

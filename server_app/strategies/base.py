@@ -45,6 +45,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, MultiKrum
 
+from common.architectures import ArchitectureSlicer
 from common.config import ConfigError, RunConfig
 from common.data import DatasetInfo
 from common.models import Classifier, GeneratorSpec, build_generator
@@ -148,8 +149,26 @@ class CheckedFedAvg(FedAvg):
         self._generator_signature = None
         if self.uploads.generator:
             self._generator_signature = _generator_signature(self.generator_spec)
-        self.slicer: WidthSlicer | None = None  # set when clients train width sub-models
-        self.sub_models: dict[float, TierShapes] = {}  # what a reply at each width < 1 holds
+        # set when clients train sub-models: width slices, or the members of a model zoo
+        self.slicer: WidthSlicer | ArchitectureSlicer | None = None
+        # what a reply of each sub-model holds: per width < 1, or per architecture
+        self.sub_models: dict[float | str, TierShapes] = {}
+        if cfg.architecture_rule:
+            names = [name for name, _ in cfg.architecture_rule]
+            self.slicer = ArchitectureSlicer(
+                names,
+                cfg.model,
+                num_classes=info.num_classes,
+                in_shape=info.image_shape,
+                model_width=cfg.model_width,
+            )
+            for name in names:
+                member = self.slicer.template(name)
+                self.sub_models[name] = TierShapes(
+                    model=state_signature(member.state_dict()),
+                    feature_dim=member.feature_dim,
+                    generator=self._generator_signature,
+                )
         if cfg.tiers:
             self.slicer = WidthSlicer(
                 cfg.model,
@@ -168,11 +187,12 @@ class CheckedFedAvg(FedAvg):
                         if self.uploads.generator
                         else None,
                     )
-        self.node_widths: dict[int, float] = {}  # node id -> the width its replies declare
+        # node id -> the sub-model its replies declare (width, or architecture)
+        self.node_widths: dict[int, float | str] = {}
         # width -> full-size running statistics averaged over that tier's clients only
         self.tier_statistics: dict[float, dict[str, torch.Tensor]] = {}
         self._statistic_keys = [key for key, _ in template.named_buffers()]
-        self.partition_widths: dict[int, float] = {}  # partition id -> its declared width
+        self.partition_widths: dict[int, float | str] = {}  # partition id -> its sub-model
         self.rounds: dict[int, RoundLog] = {}
         self.label_counts: dict[int, list[int]] = {}  # partition id -> counts
         self.rounds_done = 0  # rounds completed before this start() (set when resuming)
@@ -251,7 +271,7 @@ class CheckedFedAvg(FedAvg):
         slices: dict[float, ArrayRecord] = {}
         for message in messages:
             rate = self.node_widths.get(message.metadata.dst_node_id, 1.0)
-            if rate == 1.0:
+            if rate == 1.0:  # in a zoo, a node not heard from gets the zoo (no member is 1.0)
                 continue
             if rate not in slices:
                 slices[rate] = state_to_record(self.sent_slice(server_round, rate))
@@ -321,13 +341,14 @@ class CheckedFedAvg(FedAvg):
             known = self.label_counts.get(entry.reply.partition_id)
             if entry.node not in rules and known is not None and known != entry.reply.label_counts:
                 rules[entry.node] = "label-counts-changed"
-            width = self.partition_widths.get(entry.reply.partition_id, entry.reply.width)
-            if entry.node not in rules and width != entry.reply.width:
-                rules[entry.node] = "width-changed"
+            declared = entry.reply.sub_model
+            width = self.partition_widths.get(entry.reply.partition_id, declared)
+            if entry.node not in rules and width != declared:
+                rules[entry.node] = "arch-changed" if entry.reply.arch else "width-changed"
         candidates = [entry for entry in accepted if entry.node not in rules]
         if self.cfg.max_update_ratio > 0 and self._sent_state is not None:
             norms = [
-                update_norm(entry.reply.state, self.sent_slice(server_round, entry.reply.width))
+                update_norm(entry.reply.state, self.sent_slice(server_round, entry.reply.sub_model))
                 for entry in candidates
             ]
             for entry, outlier in zip(
@@ -340,10 +361,10 @@ class CheckedFedAvg(FedAvg):
             log(WARNING, "round %d: refused reply of node %d (%s)", server_round, node, rule)
         kept = [entry for entry in accepted if entry.node not in rules]
         for entry in kept:
-            self.node_widths[entry.node] = entry.reply.width
+            self.node_widths[entry.node] = entry.reply.sub_model
         return kept
 
-    def sent_slice(self, server_round: int, width: float) -> dict[str, torch.Tensor]:
+    def sent_slice(self, server_round: int, width: float | str) -> dict[str, torch.Tensor]:
         """The part of this round's global model a client at ``width`` was sent."""
         if self._sent_state is None:
             raise RuntimeError("the round's global model was not kept")
@@ -361,7 +382,7 @@ class CheckedFedAvg(FedAvg):
             return [entry.reply.state for entry in accepted], None
         start = self.slicer.window_start(server_round)
         embedded = [
-            self.slicer.embed(entry.reply.state, entry.reply.width, start, base)
+            self.slicer.embed(entry.reply.state, entry.reply.sub_model, start, base)
             for entry in accepted
         ]
         return [state for state, _ in embedded], [mask for _, mask in embedded]
@@ -385,7 +406,7 @@ class CheckedFedAvg(FedAvg):
         """Keep what the server needs from the accepted replies of a round that is not skipped."""
         for entry in accepted:
             self.label_counts.setdefault(entry.reply.partition_id, entry.reply.label_counts)
-            self.partition_widths.setdefault(entry.reply.partition_id, entry.reply.width)
+            self.partition_widths.setdefault(entry.reply.partition_id, entry.reply.sub_model)
 
     # --- aggregation ------------------------------------------------------------------------
     def aggregate_train(
@@ -449,6 +470,8 @@ class CheckedFedAvg(FedAvg):
             size or entry.reply.num_examples for size, entry in zip(sizes, accepted, strict=True)
         ]
         average = average_covered(states, masks or [], weights, base)
+        if isinstance(self.slicer, ArchitectureSlicer):  # members share no statistics
+            return state_to_record(self.slicer.global_state(average))
         self.keep_tier_statistics(accepted, states, masks or [], weights, average)
         return state_to_record(self.at_tier(average, 1.0))
 
@@ -486,15 +509,17 @@ class CheckedFedAvg(FedAvg):
 
     def sub_model_metrics(self, model: Classifier) -> dict[str, float]:
         """With width tiers, each smaller tier's sub-model of ``model`` (the first units of
-        every layer, as a node of that tier evaluates it), as ``width-<r>-<metric>``."""
+        every layer, as a node of that tier evaluates it), as ``width-<r>-<metric>``; in a
+        federation of architectures, every member of the zoo, as ``arch-<name>-<metric>``."""
         if self.slicer is None:
             return {}
         metrics = {}
         for rate in self.sub_models:
             sub = copy.deepcopy(self.slicer.template(rate))
             sub.load_state_dict(self.slicer.slice(self.at_tier(model.state_dict(), rate), rate))
+            prefix = f"arch-{rate}" if isinstance(rate, str) else f"width-{rate:g}"
             for key, value in self.evaluate_model(sub).items():
-                metrics[f"width-{rate:g}-{key}"] = value
+                metrics[f"{prefix}-{key}"] = value
         return metrics
 
     def client_weights(self, accepted: list[Accepted]) -> list[int | None]:

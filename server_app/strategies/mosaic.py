@@ -55,6 +55,13 @@ class MosaicStrategy(TeacherStrategy):
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         super().check_config(cfg)
+        if cfg.architectures:
+            raise cls.config_error(
+                "architectures",
+                "the meta model is trained on prototypes, and prototypes taken under models of "
+                "different architectures share no feature space; use mosaic-no-meta (the prior, "
+                "distilled) with several architectures",
+            )
         if cfg.meta_features == "global" and cfg.kd_round < 2:
             raise cls.config_error(
                 "meta-features",

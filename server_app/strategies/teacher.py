@@ -26,6 +26,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
+from common.architectures import ArchitectureSlicer
 from common.config import DISTILLATION_KEYS, GENERATOR_KEYS, RunConfig
 from common.data import generator_to_classifier_input
 from common.models import Classifier, Generator, build_generator
@@ -251,9 +252,12 @@ class TeacherStrategy(CheckedFedAvg):
     def sub_model_views(self, student: Classifier) -> list[SlicedView]:
         """With ``kd-sub-models`` and width tiers: each smaller tier's sub-model of the student
         (the first units, as a node of that tier evaluates it, with that tier's BatchNorm
-        statistics), for distillation to train too."""
+        statistics), for distillation to train too; with architectures, every member of the
+        zoo besides the student (one distilled model per architecture, as FedDF keeps)."""
         if self.slicer is None or not self.cfg.kd_sub_models:
             return []
+        if isinstance(self.slicer, ArchitectureSlicer):  # every other member of the zoo
+            return [student.members[name] for name in self.sub_models if name != self.cfg.model]
         views = []
         for rate in self.sub_models:
             full = student
@@ -273,7 +277,8 @@ class TeacherStrategy(CheckedFedAvg):
     def generator_of(self, partition_id: int) -> Generator:
         """A client's uploaded generator, rebuilt at its width's size (on the CPU)."""
         width = self.partition_widths.get(partition_id, 1.0)
-        generator = build_generator(self.generator_spec.at_rate(width))
+        rate = width if isinstance(width, float) else 1.0  # an architecture's: full size
+        generator = build_generator(self.generator_spec.at_rate(rate))
         generator.load_state_dict(self.generators[partition_id])
         return generator
 
