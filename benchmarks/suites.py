@@ -57,6 +57,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 # must beat for its small clients), "tier-R-alone" (with fedavg-exclusive: the width-R clients
 # alone, FedAvg on the width-R model: the bar for that tier's sub-model).
 TIERS = "1:4,0.5:3,0.25:3"
+ARCHITECTURES = "cnn:4,resnet8:3,mlp:3"
 VARIANTS: dict[str, dict[str, Any]] = {
     "": {},
     "tiers": {"width-tiers": TIERS, "width-scheme": "static"},
@@ -67,6 +68,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "smallest": {"model-width": 0.25},
     "tier-0.5-alone": {"width-tiers": TIERS, "exclusive-width": 0.5},
     "tier-0.25-alone": {"width-tiers": TIERS, "exclusive-width": 0.25},
+    # Mixed architectures: 4 of 10 clients run the CNN, 3 a ResNet-8, 3 an MLP; the server's
+    # student is the CNN, and every other architecture is distilled too (kd-sub-models).
+    "archs": {"architectures": ARCHITECTURES, "kd-sub-models": True},
 }
 
 # Every strategy in the registry's order (but fedavg-exclusive, which is FedAvg without
@@ -96,6 +100,8 @@ class Cell:
     @property
     def setting(self) -> str:
         setting = f"{self.protocol} {self.dataset} alpha={self.alpha} clients={self.num_clients}"
+        if self.variant == "archs":
+            return setting + f", architectures {ARCHITECTURES}"
         return setting + (f", width tiers {TIERS}" if self.variant else "")
 
     @property
@@ -171,6 +177,20 @@ def tier_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
     ]
 
 
+def architecture_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
+    """The mixed-architecture table of one protocol: FedAvg within each architecture group (its
+    ``arch-<name>`` models are the groups trained alone), the ensemble and label-share teachers,
+    FedDF, DENSE on the mixed ensemble and Mosaic's prior distilled (mosaic-no-meta: the meta
+    model reads prototypes, which models of different families do not share), FashionMNIST
+    alpha 0.1, 10 clients."""
+    methods = ["fedavg", "ensemble", "label-share", "feddf", "dense", "mosaic-no-meta"]
+    return [
+        Cell("fashion-mnist", 0.1, 10, protocol, strategy, seed, "archs")
+        for strategy in methods
+        for seed in seeds
+    ]
+
+
 SUITES: dict[str, Suite] = {
     # One setting, one seed, every method, modest steps: minutes on the 2-core CPU machine when
     # it is idle, under 20 when other jobs load it (docs/results.md has the timings).
@@ -201,6 +221,13 @@ SUITES: dict[str, Suite] = {
         "tiers",
         tier_cells("one-shot", [0, 1, 2]) + tier_cells("multi-round", [0, 1, 2]),
         sizes={"kd-pool-batches": 30, "kd-sub-models": True},
+    ),
+    # Mixed architectures (CNN, ResNet-8, MLP), both protocols, 3 seeds; distillation as in
+    # the tiers suite (a pool of 30 labelled batches).
+    "archs": Suite(
+        "archs",
+        architecture_cells("one-shot", [0, 1, 2]) + architecture_cells("multi-round", [0, 1, 2]),
+        sizes={"kd-pool-batches": 30},
     ),
 }
 
