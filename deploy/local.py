@@ -3,7 +3,8 @@ process, talking over loopback with TLS and SuperNode authentication; leave noth
 
     python -m deploy.local --clients N [--profile conf/X.toml] [--strategy mosaic|fedavg|fedprox]
                            [--set key=value ...] [--name RUN_NAME] [--timeout SEC]
-                           [--widths R,R,...] [--node-data DIR] [--workdir DIR] [--insecure]
+                           [--widths R,R,...] [--archs A,A,...] [--node-data DIR]
+                           [--workdir DIR] [--insecure]
 
 What it does, in order:
 
@@ -19,7 +20,8 @@ What it does, in order:
 5. Each node's public key registered with ``flwr supernode register``, then N
    ``flower-supernode`` processes, each with its own ``--port``, its key, and
    ``--node-config "partition-id=i num-partitions=N data-root=..."`` (and ``width=r`` with
-   ``--widths``: that node trains a width-r sub-model whatever ``width-tiers`` assigns). With
+   ``--widths``: that node trains a width-r sub-model whatever ``width-tiers`` assigns; and
+   ``arch="name"`` with ``--archs``: that node runs that architecture of ``architectures``). With
    ``--node-data DIR`` node i reads only its own folder instead, ``--node-config
    "data-dir=DIR/node-<i>"``, with no partition id (``common.node_data``; write the folders
    with ``mosaic-node-data DIR --partitions N``). Then wait until ``flwr supernode list`` shows
@@ -108,11 +110,13 @@ class LocalFederation:
         *,
         secure: bool = True,
         widths: Sequence[float] | None = None,
+        archs: Sequence[str] | None = None,
         node_data: Path | None = None,
     ) -> None:
         self.workdir = workdir.expanduser().resolve()
         self.clients = clients
         self.widths = list(widths) if widths else None  # per node, its node-config `width`
+        self.archs = list(archs) if archs else None  # per node, its node-config `arch`
         self.node_data = node_data  # node i reads node_data/node-<i> (its own data) if set
         self.data_root = str(data_root)
         self.secure = secure
@@ -241,6 +245,8 @@ class LocalFederation:
             )
         if self.widths is not None:
             node_config += f" width={float(self.widths[index])!r}"
+        if self.archs is not None:
+            node_config += f" arch={json.dumps(self.archs[index])}"
         command = [
             str(Path(sys.executable).with_name("flower-supernode")),
             "--superlink",
@@ -390,6 +396,17 @@ def check_widths(cfg: RunConfig, widths: Sequence[float] | None, clients: int) -
         raise ConfigError(f"--widths: {widths} has a rate outside width-tiers {allowed}")
 
 
+def check_archs(cfg: RunConfig, archs: Sequence[str] | None, clients: int) -> None:
+    """``--archs``: one architecture per SuperNode, each one of ``architectures``."""
+    if archs is None:
+        return
+    if len(archs) != clients:
+        raise ConfigError(f"--archs: {len(archs)} names for {clients} SuperNodes (--clients)")
+    allowed = [name for name, _ in cfg.architecture_rule]
+    if any(name not in allowed for name in archs):
+        raise ConfigError(f"--archs: {list(archs)} names one outside architectures {allowed}")
+
+
 def node_folder(node_data: Path, index: int) -> Path:
     return (node_data / f"node-{index}").expanduser().resolve()
 
@@ -435,6 +452,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "which overrides the width-tiers rule; every rate must be one of width-tiers",
     )
     parser.add_argument(
+        "--archs",
+        type=lambda text: [name.strip() for name in text.split(",")],
+        help="each SuperNode's architecture, in order (e.g. cnn,mlp,resnet8): its node "
+        "config's `arch`, which overrides the architectures rule; each must be one of it",
+    )
+    parser.add_argument(
         "--node-data",
         type=Path,
         help="SuperNode i reads only DIR/node-<i> (train.npz, test.npz: common/node_data.py), "
@@ -471,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides, cfg = build_run_config(args.profile, args.strategy, args.set, args.name)
         check_runnable(cfg, args.clients, args.node_data is None or cfg.server_test_set)
         check_widths(cfg, args.widths, args.clients)
+        check_archs(cfg, args.archs, args.clients)
         check_node_data(args.node_data, args.clients)
         check_payload_limits(cfg, uploads_of(cfg.strategy))
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as error:
@@ -496,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data_root,
         secure=not args.insecure,
         widths=args.widths,
+        archs=args.archs,
         node_data=args.node_data,
     )
 

@@ -199,6 +199,41 @@ def test_deploy_local_runs_mixed_width_supernodes_over_tls_with_authentication(
             assert (down["arrays"] > 1_000_000) == (server_round == "1")
 
 
+def test_deploy_local_runs_supernodes_of_three_architectures(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """The quick config over a CNN, a ResNet-8 and an MLP node (each named by its node config's
+    ``arch``), Mosaic's prior distilled into the CNN and every other architecture."""
+    workdir, results = tmp_path / "work", tmp_path / "results"
+    output, leftovers = _deploy_local(
+        workdir,
+        results,
+        data_root,
+        *("--name", "deploy-archs", "--strategy", "mosaic-no-meta", "--set", "kd-sub-models=true"),
+        *("--set", 'architectures="cnn:1,resnet8:1,mlp:1"', "--archs", "mlp,cnn,resnet8"),
+    )
+
+    assert not leftovers, "deploy.local left processes running"
+    assert re.search(r"Run \d+ finished:completed", output)
+    folder = results / "deploy-archs"
+    participation = _read_json(folder / "participation.json")
+    for round_log in participation.values():
+        assert len(round_log["replied"]) == 3 and not round_log["rejected"], round_log
+    kd_round = str(QUICK["kd-round"])
+    metrics = _read_json(folder / "metrics.json")["rounds"]
+    for name in ("cnn", "resnet8", "mlp"):
+        assert f"post-kd-arch-{name}-accuracy" in metrics[kd_round]
+    # partition 0 (node config arch="mlp") uploads an MLP: the traffic names its size
+    first = participation["1"]
+    mlp_node = next(node for node, pid in first["partitions"].items() if pid == 0)
+    mlp_bytes = first["traffic"][mlp_node][UPLINK]["arrays"]
+    assert all(
+        first["traffic"][node][UPLINK]["arrays"] != mlp_bytes
+        for node in first["partitions"]
+        if node != mlp_node
+    )
+
+
 def test_deploy_local_supernodes_on_their_own_folders_and_a_server_without_test_data(
     tmp_path: Path, data_root: Path
 ) -> None:
