@@ -207,6 +207,11 @@ def run_cell(
             for key, value in last.items()
             if key.startswith("width-") and key.endswith("-accuracy")
         },
+        arch_accuracy={  # mixed architectures: each architecture's model of the final zoo
+            key.removeprefix("arch-").removesuffix("-accuracy"): value
+            for key, value in last.items()
+            if key.startswith("arch-") and key.endswith("-accuracy")
+        },
     )
     if reply_cache is not None:
         record["client_replies"] = {
@@ -255,6 +260,7 @@ ADDED_KEYS: dict[str, Any] = {
     "kd-pool-batches": 0,
     "kd-generators-per-step": 10,  # every recorded cell has at most 10 clients: all of them
     "width-tiers": "",
+    "architectures": "",
     "width-scheme": "static",
     "exclusive-width": 1.0,
     "kd-sub-models": False,

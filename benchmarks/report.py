@@ -99,8 +99,10 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
             key=float,
             reverse=True,
         )
+        archs = sorted({a for r in group_records for a in r.get("arch_accuracy") or {}})
         tier_columns = [f"width {w} sub-model" for w in widths]
-        tier_columns += ["downlink MB/client"] if widths else []
+        tier_columns += [f"{a} model" for a in archs]
+        tier_columns += ["downlink MB/client"] if widths or archs else []
         header = [
             "method",
             "seeds",
@@ -124,7 +126,10 @@ def render_table(records: Sequence[Mapping[str, Any]], suite_name: str = "") -> 
             tier_values = [
                 _mean_std([(r.get("sub_model_accuracy") or {}).get(w) for r in ok]) for w in widths
             ]
-            if widths:
+            tier_values += [
+                _mean_std([(r.get("arch_accuracy") or {}).get(a) for r in ok]) for a in archs
+            ]
+            if widths or archs:
                 tier_values.append(_megabytes([r["bytes_per_client"].get("downlink") for r in ok]))
             lines.append(
                 "| "
