@@ -261,6 +261,9 @@ ADDED_KEYS: dict[str, Any] = {
     "kd-generators-per-step": 10,  # every recorded cell has at most 10 clients: all of them
     "width-tiers": "",
     "architectures": "",
+    "meta-input": "prototypes",
+    "meta-samples": 512,
+    "meta-min-confidence": 0.9,
     "width-scheme": "static",
     "exclusive-width": 1.0,
     "kd-sub-models": False,

@@ -180,10 +180,10 @@ def tier_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
 def architecture_cells(protocol: str, seeds: Sequence[int]) -> list[Cell]:
     """The mixed-architecture table of one protocol: FedAvg within each architecture group (its
     ``arch-<name>`` models are the groups trained alone), the ensemble and label-share teachers,
-    FedDF, DENSE on the mixed ensemble and Mosaic's prior distilled (mosaic-no-meta: the meta
-    model reads prototypes, which models of different families do not share), FashionMNIST
-    alpha 0.1, 10 clients."""
-    methods = ["fedavg", "ensemble", "label-share", "feddf", "dense", "mosaic-no-meta"]
+    FedDF, DENSE on the mixed ensemble, Mosaic's prior distilled (mosaic-no-meta) and Mosaic
+    with its meta model trained on generated images (the suite's ``meta-input``: prototypes of
+    different families share no space), FashionMNIST alpha 0.1, 10 clients."""
+    methods = ["fedavg", "ensemble", "label-share", "feddf", "dense", "mosaic-no-meta", "mosaic"]
     return [
         Cell("fashion-mnist", 0.1, 10, protocol, strategy, seed, "archs")
         for strategy in methods
@@ -227,7 +227,7 @@ SUITES: dict[str, Suite] = {
     "archs": Suite(
         "archs",
         architecture_cells("one-shot", [0, 1, 2]) + architecture_cells("multi-round", [0, 1, 2]),
-        sizes={"kd-pool-batches": 30},
+        sizes={"kd-pool-batches": 30, "meta-input": "generated"},
     ),
 }
 

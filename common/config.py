@@ -77,6 +77,9 @@ META_KEYS: frozenset[str] = frozenset(
         "meta-patience",
         "meta-ema",
         "meta-features",
+        "meta-input",
+        "meta-samples",
+        "meta-min-confidence",
     }
 )
 DENSE_KEYS: frozenset[str] = frozenset({"dense-lambda-bn", "dense-lambda-adv"})
@@ -130,6 +133,11 @@ MetaPrior = Literal["label-share", "experts", "none"]
 # code), or every expert's head on the features of the global model the kd-round sent, the
 # feature space the prototypes it was trained on were taken in (docs/results.md).
 MetaFeatures = Literal["experts", "global"]
+# What the meta model is trained on: the clients' prototypes (features of their models: one
+# space only when every client took them under the same global model), or samples of the
+# clients' generators labelled by their owners' confident predictions, which every expert of any
+# architecture reads in full (server_app.strategies.mosaic).
+MetaInput = Literal["prototypes", "generated"]
 # How FedAvg's rounds combine the client models: Flower's weighted mean, or its coordinate-wise
 # median (FedMedian) or trimmed mean (FedTrimmedAvg), which no single client can move far, or
 # the mean of the replies Multi-Krum keeps (the n - krum-malicious closest to the others).
@@ -315,6 +323,9 @@ class RunConfig(BaseModel):
     meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
     meta_prior: MetaPrior  # start from this ensemble and learn a correction
     meta_features: MetaFeatures  # what the experts' heads read on an image
+    meta_input: MetaInput  # what the meta model is trained on
+    meta_samples: int = Field(ge=1, le=1_000_000)  # generated: images drawn per generator
+    meta_min_confidence: float = Field(ge=0, le=1)  # generated: the owner's least confidence kept
     # --- distillation (server) --------------------------------------------------------------
     kd_steps: int = Field(ge=0, le=10_000_000)
     kd_batch_per_generator: int = Field(ge=1, le=4_096)

@@ -146,8 +146,9 @@ def valid_configs(draw) -> dict[str, Any]:
         values["model"] = draw(st.sampled_from(["cnn", "mlp"]))
         values["width-tiers"], values["aggregation"] = "", "mean"
         if values["strategy"] == "mosaic":
-            values["strategy"] = "mosaic-no-meta"
-            values["meta-prior"] = draw(st.sampled_from(["label-share", "experts"]))
+            values["meta-input"] = "generated"
+    if values["strategy"] == "mosaic" and values["meta-input"] == "generated":
+        values["meta-features"] = "experts"
     if values["strategy"] == "fedavg-exclusive":
         rates = [float(item.split(":")[0]) for item in values["width-tiers"].split(",") if item]
         values["exclusive-width"] = draw(st.sampled_from([1.0, *rates]))
@@ -214,6 +215,7 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
         "architectures",
         lambda draw, v: {
             "strategy": "mosaic",
+            "meta-input": "prototypes",
             "architectures": "cnn:1,mlp:1",
             "model": "cnn",
             "width-tiers": "",

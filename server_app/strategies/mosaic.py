@@ -25,8 +25,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.config import META_KEYS, PROTOTYPE_KEYS, RunConfig
+from common.data import generator_to_classifier_input
 from common.models import Classifier
 from common.wire import Uploads, record_to_state
+from server_app.distill import draw_samples
 from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import (
     ExpertEnsemble,
@@ -55,12 +57,19 @@ class MosaicStrategy(TeacherStrategy):
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        if cfg.architectures:
+        if cfg.architectures and cfg.meta_input == "prototypes":
             raise cls.config_error(
                 "architectures",
                 "the meta model is trained on prototypes, and prototypes taken under models of "
-                "different architectures share no feature space; use mosaic-no-meta (the prior, "
-                "distilled) with several architectures",
+                'different architectures share no feature space; set meta-input = "generated" '
+                "(or use mosaic-no-meta, the prior distilled)",
+            )
+        if cfg.meta_input == "generated" and cfg.meta_features == "global":
+            raise cls.config_error(
+                "meta-features",
+                "'global' reads the experts' heads on one model's features, where prototypes "
+                "live; a meta model trained on generated images reads the experts in full "
+                "('experts')",
             )
         if cfg.meta_features == "global" and cfg.kd_round < 2:
             raise cls.config_error(
@@ -75,6 +84,10 @@ class MosaicStrategy(TeacherStrategy):
         """As FedAvg, remembering the model sent: the round's prototypes are features of it."""
         self.sent_arrays = arrays
         return super().configure_train(server_round, arrays, config, grid)
+
+    def prototypes_expected(self, server_round: int) -> bool:
+        """Prototypes only when the meta model is trained on them (``meta-input``)."""
+        return super().prototypes_expected(server_round) and self.cfg.meta_input == "prototypes"
 
     def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
         """Keep the round's prototypes in the bank. With width tiers and ``meta-features =
@@ -126,20 +139,59 @@ class MosaicStrategy(TeacherStrategy):
             meta = MetaModel(
                 ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior != "none"
             ).to(self.device)
-        meta, figures = self.fit_meta_model(meta, ensemble, prior)
+        meta, figures = self.fit_meta_model(meta, ensemble, prior, clients)
         self.meta_model = meta.eval()
+        if prior is not None and figures:  # the bar a trained meta model has to clear
+            figures.update({f"prior-{k}": v for k, v in self.evaluate_model(prior).items()})
         if prior is not None and not figures:  # figures hold the meta model's, once trained
             # An untrained meta model is its prior: skip running the experts on every KD step.
             return prior.eval(), figures
-        body = self._sent_model() if figures and cfg.meta_features == "global" else None
+        global_features = cfg.meta_features == "global" and cfg.meta_input == "prototypes"
+        body = self._sent_model() if figures and global_features else None
         return MosaicTeacher(ensemble, meta, prior, body).to(self.device).eval(), figures
 
     def fit_meta_model(
-        self, meta: MetaModel, ensemble: ExpertEnsemble, prior: ProbabilityMixture | None
+        self,
+        meta: MetaModel,
+        ensemble: ExpertEnsemble,
+        prior: ProbabilityMixture | None,
+        clients: ClientModels,
     ) -> tuple[MetaModel, Figures]:
         """Train the meta model on the prototype bank (the experts' heads over each prototype,
-        and the prior's); an empty bank leaves it at its prior."""
+        and the prior's), or with ``meta-input = generated`` on the clients' generated images
+        (:meth:`labelled_samples`, every expert in full); nothing to train on leaves it at its
+        prior."""
         cfg = self.cfg
+        if cfg.meta_input == "generated":
+            images, classes = self.labelled_samples(clients)
+            if not len(classes):
+                log(INFO, "Mosaic: no confidently labelled generated image; the prior is kept")
+                return meta, {}
+            log(
+                INFO,
+                "Mosaic: %d experts, %d labelled generated images",
+                len(ensemble.members),
+                len(classes),
+            )
+            with torch.no_grad():
+                inputs = torch.cat([ensemble(chunk) for chunk in images.split(512)])
+                priors = None
+                if prior is not None:
+                    priors = torch.cat([prior(chunk) for chunk in images.split(512)])
+            trained = train_meta_model(
+                meta,
+                inputs,
+                classes,
+                cfg.meta_training,
+                priors=priors,
+                seed=cfg.seed,
+                device=self.device,
+                progress=lambda line: log(INFO, "Mosaic meta model: %s", line),
+            )
+            return trained.model, {
+                "meta-val-accuracy": trained.val_accuracy,
+                "meta-samples": float(len(classes)),
+            }
         if not len(self.bank):
             log(INFO, "Mosaic: no prototypes in the bank; the meta model keeps its prior")
             return meta, {}
@@ -166,6 +218,34 @@ class MosaicStrategy(TeacherStrategy):
             progress=lambda line: log(INFO, "Mosaic meta model: %s", line),
         )
         return trained.model, {"meta-val-accuracy": trained.val_accuracy}
+
+    def labelled_samples(self, clients: ClientModels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta model's training set with ``meta-input = generated``: ``meta-samples``
+        images from every client's generator (as classifier input), each labelled by its owner's
+        model and kept when that model gives it a class the owner holds with at least
+        ``meta-min-confidence``. The owner knows best what its generator imitates; the other
+        experts, of any architecture, read the images in full, so the meta model learns to
+        combine them on inputs every one of them can read."""
+        cfg = self.cfg
+        owners = {pid: i for i, pid in enumerate(clients.partition_ids or [])}
+        partitions = [pid for pid in sorted(self.generators) if pid in owners]
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        if not partitions:
+            return torch.empty(0, *self.info.image_shape, device=self.device), empty
+        models = self.client_models(clients.states)
+        generators = [self.generator_of(pid).to(self.device) for pid in partitions]
+        held = torch.as_tensor(clients.counts > 0, device=self.device)
+        images, classes = [], []
+        with torch.no_grad():
+            drawn = draw_samples(generators, cfg.meta_samples, cfg.seed + 1)
+            for pid, samples in zip(partitions, drawn, strict=True):
+                x = generator_to_classifier_input(samples, self.info)
+                owner = owners[pid]
+                confidence, label = models.members[owner](x).softmax(dim=-1).max(dim=-1)
+                keep = (confidence >= cfg.meta_min_confidence) & held[owner][label]
+                images.append(x[keep])
+                classes.append(label[keep])
+        return torch.cat(images), torch.cat(classes)
 
     def _sent_model(self) -> Classifier:
         """The global model this round's clients started from (``meta-features = global``)."""
@@ -219,6 +299,10 @@ class MosaicNoMetaStrategy(MosaicStrategy):
             )
 
     def fit_meta_model(
-        self, meta: MetaModel, ensemble: ExpertEnsemble, prior: ProbabilityMixture | None
+        self,
+        meta: MetaModel,
+        ensemble: ExpertEnsemble,
+        prior: ProbabilityMixture | None,
+        clients: ClientModels,
     ) -> tuple[MetaModel, Figures]:
         return meta, {}

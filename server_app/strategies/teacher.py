@@ -55,6 +55,7 @@ class ClientModels:
     counts: np.ndarray  # [clients, classes]
     masks: list[dict[str, torch.Tensor]] | None = None
     fallback: dict[str, torch.Tensor] | None = None
+    partition_ids: list[int] | None = None  # whose each state is (generators are keyed by it)
 
 
 class TeacherStrategy(CheckedFedAvg):
@@ -145,7 +146,13 @@ class TeacherStrategy(CheckedFedAvg):
         states, masks = self.full_size_states(server_round, accepted, zeros)
         if self.cfg.min_claim_agreement > 0:
             counts = self.backed_counts(server_round, accepted, states, counts)
-        clients = ClientModels(states, counts, masks, global_state if masks else None)
+        clients = ClientModels(
+            states,
+            counts,
+            masks,
+            global_state if masks else None,
+            [entry.reply.partition_id for entry in accepted],
+        )
         student = copy.deepcopy(self.template)
         student.load_state_dict(global_state)
         figures = self.teach(student, clients)
