@@ -11,9 +11,9 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
+from common.architectures import build_global_model
 from common.config import RunConfig
 from common.data import dataset_info
-from common.models import build_classifier
 from server_app.inprocess import InProcessGrid, run_inprocess
 from server_app.strategies import STRATEGIES, CheckedFedAvg
 from tests.fakedata import tiny_run_config
@@ -42,7 +42,12 @@ def run(
 def build_strategy(cfg: RunConfig) -> CheckedFedAvg:
     """The strategy ``cfg`` names, built on CPU without a test set (its evaluations are empty)."""
     info = dataset_info(cfg.dataset)
-    template = build_classifier(cfg.model, num_classes=info.num_classes, in_shape=info.image_shape)
+    template = build_global_model(
+        cfg.model,
+        cfg.architecture_rule,
+        num_classes=info.num_classes,
+        in_shape=info.image_shape,
+    )
     return STRATEGIES[cfg.strategy](cfg, template, info, device=torch.device("cpu"))
 
 

@@ -283,3 +283,60 @@ def test_fedavg_per_group_and_a_lie_about_the_architecture_is_rejected(data_root
     assert participation["1"]["rejected"] == {str(mlp): "arch-declaration"}
     metrics = read_json(folder, "metrics.json")["rounds"]
     assert metrics["3"]["arch-cnn-accuracy"] > metrics["0"]["arch-cnn-accuracy"]
+
+
+# --- the meta model on generated images ------------------------------------------------------
+@pytest.mark.unit
+def test_generated_meta_samples_are_labelled_by_their_owner_within_its_classes(tmp_path) -> None:
+    from common.config import parse_run_config
+    from common.models import GeneratorSpec, build_generator
+    from server_app.strategies.teacher import ClientModels
+    from tests.runs import build_strategy
+
+    config = tiny_run_config(tmp_path, tmp_path, strategy="mosaic", meta_input="generated")
+    cfg = parse_run_config({**config, "model-width": 1.0, "meta-samples": 64})
+    strategy = build_strategy(cfg)
+    spec = GeneratorSpec(cfg.gen_latent_dim, (1, 28, 28), cfg.gen_channels)
+    states, counts = [], np.zeros((2, 10), dtype=int)
+    for pid in (4, 7):
+        torch.manual_seed(pid)
+        strategy.generators[pid] = build_generator(spec).state_dict()
+        states.append(build_classifier("cnn", num_classes=10, in_shape=SHAPE).state_dict())
+    counts[0, [1, 3]] = 50  # partition 4 holds classes 1 and 3, partition 7 every class
+    counts[1, :] = 5
+    head = states[0]["head.weight"]  # its model calls every sample 1 or 5, by the sign of w.f
+    head[1], head[5] = 5 * torch.randn_like(head[1]), 0
+    head[1] -= head[1].mean()
+    states[0]["head.bias"][[1, 5]] = 20.0
+    clients = ClientModels(states, counts, partition_ids=[4, 7])
+
+    strategy.cfg = cfg.model_copy(update={"meta_min_confidence": 0.0})
+    images, classes = strategy.labelled_samples(clients)
+    assert tuple(images.shape[1:]) == (1, 28, 28) and len(images) == len(classes)
+    # the first owner's samples keep only the classes it holds (1, not 5)
+    first = strategy.labelled_samples(ClientModels(states[:1], counts[:1], partition_ids=[4]))[1]
+    assert 0 < len(first) < 64 and set(first.tolist()) == {1}
+    assert len(classes) == len(first) + 64  # the second holds every class: all 64 kept
+    strategy.cfg = cfg.model_copy(update={"meta_min_confidence": 1.0})
+    assert len(strategy.labelled_samples(clients)[1]) == 0  # nothing is that confident
+
+
+@pytest.mark.integration
+def test_mosaic_trains_its_meta_model_on_generated_images_across_architectures(
+    data_root, tmp_path
+) -> None:
+    _, folder = run(
+        data_root,
+        tmp_path,
+        strategy="mosaic",
+        architectures=ARCHS,
+        meta_input="generated",
+        meta_min_confidence=0.0,
+    )
+    metrics = read_json(folder, "metrics.json")["rounds"]
+    assert metrics["2"]["meta-samples"] > 0
+    assert {"meta-val-accuracy", "prior-accuracy", "teacher-accuracy"} <= metrics["2"].keys()
+    participation = read_json(folder, "participation.json")
+    for round_log in participation.values():  # no prototypes were asked for, none came
+        assert not round_log["rejected"]
+        assert all("prototypes" not in t["uplink"] for t in round_log["traffic"].values())
