@@ -31,13 +31,17 @@ every client can download a model it runs (FedDF's one model per architecture).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from common.data import dataset_info
 from common.models import Classifier, ImageShape, build_classifier, classifier_names
-from common.tiers import assign_shares
+from common.tiers import assign_shares, parse_shares
+
+if TYPE_CHECKING:  # the config schema imports this module for its rule
+    from common.config import RunConfig
 
 Architectures = tuple[tuple[str, int], ...]  # (classifier name, share), in the order written
 _SALT = 0xA2C4  # the architecture shuffle draws from its own stream
@@ -50,26 +54,16 @@ def parse_architectures(text: str) -> Architectures:
 
     Raises ValueError with the reason (the config schema prefixes the key).
     """
-    if not text.strip():
-        return ()
-    rule = []
-    for item in text.split(","):
-        name, sep, share_text = item.strip().partition(":")
-        try:
-            share = int(share_text)
-        except ValueError:
-            raise ValueError(f"{item.strip()!r} is not 'model:clients' (e.g. 'mlp:3')") from None
-        if not sep or name not in classifier_names():
-            raise ValueError(f"{name!r} is not one of {classifier_names()}")
-        if share < 1:
-            raise ValueError(f"{name} needs at least 1 client, got {share}")
-        rule.append((name, share))
-    names = [name for name, _ in rule]
-    if len(set(names)) != len(names):
-        raise ValueError(f"an architecture is listed twice in {text!r}")
-    if len(names) < 2:
+    rule = parse_shares(text, _known_classifier, "model", "mlp:3")
+    if len(rule) == 1:
         raise ValueError(f"{text!r} names one architecture: set model instead")
-    return tuple(rule)
+    return rule
+
+
+def _known_classifier(name: str) -> str:
+    if name not in classifier_names():
+        raise ValueError(f"{name!r} is not one of {classifier_names()}")
+    return name
 
 
 def assign_architectures(rule: Architectures, num_partitions: int, seed: int) -> list[str]:
@@ -159,6 +153,18 @@ def build_global_model(
         return build_classifier(model, num_classes=num_classes, in_shape=in_shape, width=width)
     names = [name for name, _ in rule]
     return ModelZoo(names, num_classes=num_classes, in_shape=in_shape, width=width, active=model)
+
+
+def global_model_of(cfg: RunConfig) -> Classifier:
+    """The server's global model for a run config (:func:`build_global_model` of its keys)."""
+    info = dataset_info(cfg.dataset)
+    return build_global_model(
+        cfg.model,
+        cfg.architecture_rule,
+        num_classes=info.num_classes,
+        in_shape=info.image_shape,
+        width=cfg.model_width,
+    )
 
 
 def one_hot(names: Sequence[str], name: str) -> Tensor:

@@ -10,7 +10,7 @@ server never has to be told: each reply declares the width it trained. A SuperNo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,24 +25,44 @@ def parse_width_tiers(text: str) -> Tiers:
 
     Raises ValueError with the reason (the config schema prefixes the key).
     """
+    return parse_shares(text, _rate, "rate", "0.5:3")
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = float("nan")
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"rate {text!r} must be in (0, 1]")
+    return rate
+
+
+def parse_shares(
+    text: str, value_of: Callable[[str], T], what: str, example: str
+) -> tuple[tuple[T, int], ...]:
+    """``"a:4,b:3"`` -> ((value_of("a"), 4), (value_of("b"), 3)); "" -> (). ``value_of``
+    raises ValueError for a value the rule does not allow; a value listed twice, a share below 1
+    or an item that is not ``<what>:clients`` is refused here."""
     if not text.strip():
         return ()
-    tiers = []
+    rule = []
     for item in text.split(","):
-        rate_text, sep, share_text = item.strip().partition(":")
+        value_text, sep, share_text = item.strip().partition(":")
         try:
-            rate, share = float(rate_text), int(share_text)
+            share = int(share_text)
         except ValueError:
-            raise ValueError(f"{item.strip()!r} is not 'rate:clients' (e.g. '0.5:3')") from None
-        if not sep or not 0.0 < rate <= 1.0:
-            raise ValueError(f"rate {rate_text.strip()!r} must be in (0, 1]")
-        if share < 1:
-            raise ValueError(f"tier {rate:g} needs at least 1 client, got {share}")
-        tiers.append((rate, share))
-    rates = [rate for rate, _ in tiers]
-    if len(set(rates)) != len(rates):
-        raise ValueError(f"a rate is listed twice in {text!r}")
-    return tuple(tiers)
+            raise ValueError(
+                f"{item.strip()!r} is not '{what}:clients' (e.g. '{example}')"
+            ) from None
+        value = value_of(value_text.strip())
+        if not sep or share < 1:
+            raise ValueError(f"{value_text.strip()} needs at least 1 client, got {share}")
+        rule.append((value, share))
+    values = [value for value, _ in rule]
+    if len(set(values)) != len(values):
+        raise ValueError(f"a {what} is listed twice in {text!r}")
+    return tuple(rule)
 
 
 def tier_rates(tiers: Tiers) -> list[float]:

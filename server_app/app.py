@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.architectures import build_global_model
+from common.architectures import global_model_of
 from common.config import RunConfig
 from common.data import dataset_info, load_dataset
 from common.paths import data_root, results_root
@@ -163,13 +163,7 @@ def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None
     device = resolve_device(cfg.device)
     log(INFO, "Results go to %s (device: %s)", report.folder, device)
     info = dataset_info(cfg.dataset)
-    template = build_global_model(
-        cfg.model,
-        cfg.architecture_rule,
-        num_classes=info.num_classes,
-        in_shape=info.image_shape,
-        width=cfg.model_width,
-    )
+    template = global_model_of(cfg)
     evaluate_model = _no_test_set
     if cfg.server_test_set:
         test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)

@@ -33,12 +33,11 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
-from common.architectures import build_global_model
+from common.architectures import global_model_of
 from common.config import RunConfig, parse_run_config
 from common.data import (
     DatasetInfo,
     classifier_input_to_pixels,
-    dataset_info,
     generator_to_classifier_input,
 )
 from common.models import Classifier, Generator
@@ -360,13 +359,6 @@ def load_model(folder: Path | str) -> Classifier:
     folder from elsewhere cannot run code."""
     folder = Path(folder)
     cfg = parse_run_config(json.loads((folder / CONFIG).read_text()))
-    info = dataset_info(cfg.dataset)
-    model = build_global_model(
-        cfg.model,
-        cfg.architecture_rule,
-        num_classes=info.num_classes,
-        in_shape=info.image_shape,
-        width=cfg.model_width,
-    )
+    model = global_model_of(cfg)
     model.load_state_dict(torch.load(folder / FINAL_MODEL, weights_only=True))
     return model.eval()
