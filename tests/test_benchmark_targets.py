@@ -149,3 +149,32 @@ def test_standing_names_the_best_other_row_per_setting_paired_by_seed() -> None:
         "| one-shot fashion-mnist a=0.5 n=5 | 90.00 (1 seed) | fedavg 92.00: -2.00 (1 seed) | - |",
     ]
     assert render_standing([record("fedavg", 0, 0.8)], method_accuracy, TEACHER_ONLY) == ""
+
+
+def test_architecture_targets_follow_feddf_the_best_family_and_label_share() -> None:
+    from benchmarks.targets import architecture_verdicts
+
+    def archs(strategy, seed, final, teacher=None, families=None):
+        r = record(strategy, seed, final, teacher)
+        r["cell"] = {**r["cell"], "num_clients": 10, "variant": "archs"}
+        r["arch_accuracy"] = families or {}
+        return r
+
+    records = [
+        archs("fedavg", 0, 0.60, families={"cnn": 0.60, "mlp": 0.70, "resnet8": 0.35}),
+        archs("feddf", 0, 0.64, 0.65),
+        archs("label-share", 0, 0.67, 0.83),
+        archs("mosaic", 0, 0.74, 0.80),
+        archs("mosaic-no-meta", 0, 0.786, 0.834),
+        record("mosaic", 0, 0.99, 0.99),  # another setting: never compared
+    ]
+    verdicts = {v.target: v for v in architecture_verdicts(records)}
+    feddf = verdicts["one-shot archs: Mosaic ≥ FedDF + 5 points"]
+    assert (feddf.status, feddf.measured) == ("met", "74.00 vs 64.00 (+10.00, 1 seed)")
+    family = verdicts["one-shot archs: Mosaic ≥ the best family alone + 5 points"]
+    assert (family.status, family.measured) == ("missed", "74.00 vs 70.00 (+4.00, 1 seed)")
+    prior = verdicts["one-shot archs: Mosaic's prior, distilled ≥ the best family alone + 5 points"]
+    assert prior.status == "met"
+    assert verdicts["one-shot archs: Mosaic's teacher ≥ the label-share teacher"].status == "missed"
+    assert verdicts["multi-round archs: Mosaic ≥ FedDF + 5 points"].status == "not run"
+    assert "archs: Mosaic" in render_targets(records, "archs", method_accuracy, TEACHER_ONLY)
