@@ -176,8 +176,6 @@ class ArchitectureSlicer:
     """The members of a :class:`ModelZoo` as the sub-models of a global model (the interface of
     ``common.submodels.WidthSlicer``, keyed by architecture name instead of rate)."""
 
-    rolling = False
-
     def __init__(
         self,
         names: Sequence[str],
