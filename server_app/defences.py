@@ -89,7 +89,8 @@ def partition_claims(
 
 @torch.no_grad()
 def computes_finite(model: nn.Module, probe: torch.Tensor) -> bool:
-    """Whether ``model`` (eval mode) has finite weights and gives finite outputs on ``probe``."""
+    """Whether ``model`` (eval mode) has finite weights and gives finite outputs on ``probe``;
+    for a zoo of architectures (``common.architectures.ModelZoo``), every member's outputs."""
     if not all(
         torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()
     ):
@@ -97,8 +98,9 @@ def computes_finite(model: nn.Module, probe: torch.Tensor) -> bool:
     was_training = model.training
     model.eval()
     device = next((t.device for t in model.state_dict().values()), probe.device)
+    runs = [model, *getattr(model, "members", {}).values()]
     try:
-        return bool(torch.isfinite(model(probe.to(device))).all())
+        return all(bool(torch.isfinite(run(probe.to(device))).all()) for run in runs)
     finally:
         model.train(was_training)
 

@@ -340,3 +340,16 @@ def test_mosaic_trains_its_meta_model_on_generated_images_across_architectures(
     for round_log in participation.values():  # no prototypes were asked for, none came
         assert not round_log["rejected"]
         assert all("prototypes" not in t["uplink"] for t in round_log["traffic"].values())
+
+
+@pytest.mark.unit
+def test_a_zoo_computes_finite_only_if_every_member_does() -> None:
+    from server_app.defences import computes_finite
+
+    zoo = ModelZoo(NAMES, num_classes=10, in_shape=SHAPE, width=0.25, active="cnn")
+    probe = torch.randn(2, *SHAPE)
+    assert computes_finite(zoo, probe)
+    with torch.no_grad():  # a ResNet-8 statistic that is finite but divides by zero
+        zoo.members["resnet8"].body[1].running_var.fill_(0.0)
+        zoo.members["resnet8"].body[1].eps = 0.0
+    assert not computes_finite(zoo, probe)
