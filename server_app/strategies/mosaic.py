@@ -170,7 +170,7 @@ class MosaicStrategy(TeacherStrategy):
             log(
                 INFO,
                 "Mosaic: %d experts, %d labelled generated images",
-                len(ensemble.members),
+                ensemble.num_experts,
                 len(classes),
             )
             with torch.no_grad():
