@@ -13,6 +13,7 @@
 #   CLIENTS   number of simulated clients     (default: 10)
 #   ARGS      more deploy.simulation options, e.g. ARGS='--set num-rounds=3 --name try1'
 #   PYTEST_ARGS  options for pytest, e.g. PYTEST_ARGS='-k config'
+#   TEST_WORKERS pytest-xdist workers for make test / test-unit (default: auto, one per core)
 #   SUITE     benchmark suite, quick or full  (default: quick); BENCH_ARGS e.g. "--cells '*-s0'"
 # Environment read by the scripts: MOSAIC_DATA_ROOT (default: ./data), PYTHON (default:
 # python3.11, for a new .venv), MOSAIC_DATASETS_DIR (a local copy of the dataset files).
@@ -21,6 +22,7 @@ PROFILE ?= conf/fmnist-dir0.1.toml
 CLIENTS ?= 10
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 SUITE ?= quick
 BENCH_ARGS ?=
 PY := .venv/bin/python
@@ -36,11 +38,15 @@ run: setup
 run-fedavg: setup
 	$(PY) -m deploy.simulation --profile $(PROFILE) --clients $(CLIENTS) --strategy fedavg $(ARGS)
 
+# --maxschedchunk 1: tests go to whichever worker is free, one at a time, so two long
+# real-process runs do not queue on one worker while the other idles.
+XDIST := -n $(TEST_WORKERS) --maxschedchunk 1
+
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-unit: setup
-	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m unit $(XDIST) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benchmarks --suite $(SUITE) $(BENCH_ARGS)

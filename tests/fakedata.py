@@ -19,7 +19,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 NUM_CLASSES = 10
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
+def write_idx(path: Path, array: np.ndarray) -> None:
     """An uncompressed IDX file of uint8 data, the format torchvision's MNIST readers parse."""
     path.parent.mkdir(parents=True, exist_ok=True)
     magic = (0x08 << 8) | array.ndim
@@ -45,8 +45,8 @@ def write_fake_fashion_mnist(
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("t10k", n_test)):
         labels = rng.permutation(np.arange(n) % NUM_CLASSES)
-        _write_idx(raw / f"{split}-images-idx3-ubyte", class_pattern_images(labels, rng))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{split}-images-idx3-ubyte", class_pattern_images(labels, rng))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
 
 

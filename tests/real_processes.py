@@ -13,20 +13,35 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.data import read_pixels
+from tests.fakedata import write_idx
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+# The real runs read the first rows of the real Fashion-MNIST: every image is real, and a run's
+# data loading and server evaluation (10k test images, several models each) shrink with it.
+SUBSET_TRAIN, SUBSET_TEST = 6000, 1000
+
+
 def fetch_fashion_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fashion-MNIST in a fresh root from the shared copy, else in the default data root."""
+    """A fresh root holding the first ``SUBSET_TRAIN`` / ``SUBSET_TEST`` images of the real
+    Fashion-MNIST, taken from the shared copy, else from the default data root."""
     command = [sys.executable, "-m", "common.fetch_data", "--dataset", "fashion-mnist"]
     if SHARED_DATASETS.is_dir():
-        root = tmp_path_factory.mktemp("data")
+        full = tmp_path_factory.mktemp("data")
         command += ["--from-dir", str(SHARED_DATASETS)]
     else:
-        root = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
-    subprocess.run([*command, "--root", str(root)], cwd=REPO, check=True, timeout=600)
-    return root
+        full = Path(os.environ.get("MOSAIC_DATA_ROOT") or REPO / "data")
+    subprocess.run([*command, "--root", str(full)], cwd=REPO, check=True, timeout=600)
+    subset = tmp_path_factory.mktemp("fashion-mnist-subset")
+    raw = subset / "FashionMNIST" / "raw"
+    for split, train, rows in (("train", True, SUBSET_TRAIN), ("t10k", False, SUBSET_TEST)):
+        pixels, labels = read_pixels("fashion-mnist", str(full), train=train)
+        write_idx(raw / f"{split}-images-idx3-ubyte", pixels[:rows, 0].numpy())
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels[:rows].numpy())
+    return subset
 
 
 def processes_with_home(flwr_home: Path) -> list[int]:

@@ -18,7 +18,7 @@ from common.data import (
     load_dataset,
     partition_indices,
 )
-from tests.fakedata import write_fake_cifar10
+from tests.fakedata import write_fake_cifar10, write_idx
 
 SCHEMES = ["dirichlet", "iid", "pathological"]
 # With random class assignment some class may go to no partition; flwr_datasets warns about it.
@@ -31,21 +31,13 @@ def labels() -> np.ndarray:
     return np.repeat(np.arange(10), 100)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """An uncompressed IDX file (uint8 data), the format torchvision's MNIST readers parse."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    magic = (0x08 << 8) | array.ndim
-    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(magic.to_bytes(4, "big") + dims + array.astype(np.uint8).tobytes())
-
-
 def _write_fashion_mnist(root: Path, n_train: int = 40, n_test: int = 10) -> None:
     raw = root / "FashionMNIST" / "raw"
     for split, n in (("train", n_train), ("t10k", n_test)):
         pixels = np.zeros((n, 28, 28), dtype=np.uint8)
         pixels[:, :14] = 255  # top half white, bottom half black
-        _write_idx(raw / f"{split}-images-idx3-ubyte", pixels)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+        write_idx(raw / f"{split}-images-idx3-ubyte", pixels)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
 # --- partitioning ---------------------------------------------------------------------------
