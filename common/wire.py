@@ -178,7 +178,7 @@ def _check_state(
     if set(record.keys()) != set(reference):
         missing, extra = set(reference) - set(record.keys()), set(record.keys()) - set(reference)
         raise MalformedReplyError(
-            f"{name}-keys", f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+            f"{name}-keys", f"missing {brief(sorted(missing))}, unexpected {brief(sorted(extra))}"
         )
     for key, array in record.items():  # check before converting: torch rejects odd dtypes
         shape, dtype = reference[key]
@@ -211,6 +211,21 @@ def _check_batchnorm_buffer(name: str, key: str, tensor: torch.Tensor) -> None:
         raise MalformedReplyError(f"{name}-batchnorm", f"{key} holds a negative value")
 
 
+def brief(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, never built whole: the values a reply
+    carries are an attacker's, and a 512 MiB string or a 10^7-long list copied into an error
+    message would cost the server more than the reply itself. Records hold scalars, strings,
+    bytes and lists of them (Flower's ``ConfigRecord`` / ``MetricRecord`` value types)."""
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    if isinstance(value, list):
+        items = ", ".join(brief(item, limit) for item in value[:4])
+        return f"[{items}, ... ({len(value)} items)]" if len(value) > 4 else f"[{items}]"
+    return repr(value)[:limit]  # ints, floats, bools, None: already short
+
+
 def _is_int(value: object) -> bool:
     """An int that is not a bool (``True`` would otherwise pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -235,15 +250,17 @@ def validate_evaluate_reply(content: RecordDict) -> None:
         raise MalformedReplyError("record-keys", f"expected one MetricRecord {METRICS!r}")
     metrics = content[METRICS]
     if set(metrics.keys()) != EVALUATE_METRICS:
-        raise MalformedReplyError("metrics-keys", f"got {sorted(metrics.keys())}")
+        raise MalformedReplyError("metrics-keys", f"got {brief(sorted(metrics.keys()))}")
     num_examples = metrics["num-examples"]
     if not _is_int(num_examples) or not 0 < num_examples <= MAX_SAMPLES_PER_CLIENT:
-        raise MalformedReplyError("num-examples", f"{num_examples!r} is not a sane sample count")
+        raise MalformedReplyError(
+            "num-examples", f"{brief(num_examples)} is not a sane sample count"
+        )
     accuracy, loss = metrics["accuracy"], metrics["loss"]
     if not isinstance(accuracy, float) or not 0.0 <= accuracy <= 1.0:
-        raise MalformedReplyError("accuracy", f"{accuracy!r} is not a float in [0, 1]")
+        raise MalformedReplyError("accuracy", f"{brief(accuracy)} is not a float in [0, 1]")
     if not isinstance(loss, float) or not (np.isfinite(loss) and loss >= 0.0):
-        raise MalformedReplyError("loss", f"{loss!r} is not a finite non-negative float")
+        raise MalformedReplyError("loss", f"{brief(loss)} is not a finite non-negative float")
 
 
 def validate_train_reply(
@@ -329,7 +346,7 @@ def _check_records(content: RecordDict) -> None:
         raise MalformedReplyError(
             "record-keys",
             f"missing {sorted(REQUIRED_KEYS - keys)}, "
-            f"unexpected {sorted(keys - REQUIRED_KEYS - OPTIONAL_KEYS)}",
+            f"unexpected {brief(sorted(keys - REQUIRED_KEYS - OPTIONAL_KEYS))}",
         )
     for key in keys:
         if not isinstance(content[key], RECORD_TYPES[key]):
@@ -344,24 +361,27 @@ def _check_client(
     one of them), nothing else."""
     keys = set(record.keys())
     if "partition-id" not in keys or keys - {"partition-id", "width", "arch"}:
-        raise MalformedReplyError("client-keys", f"got {sorted(record.keys())[:5]}")
+        raise MalformedReplyError("client-keys", f"got {brief(sorted(record.keys()))}")
     partition_id = record["partition-id"]
     if not _is_int(partition_id) or partition_id < 0:
-        raise MalformedReplyError("partition-id", f"{partition_id!r} is not a partition id")
+        raise MalformedReplyError("partition-id", f"{brief(partition_id)} is not a partition id")
     rates = sorted(key for key in sub_models if isinstance(key, float))
     width = record.get("width", 1.0)
     if not isinstance(width, float) or (width != 1.0 and width not in rates):
         raise MalformedReplyError(
-            "width", f"{width!r} is not a width of this run ({[1.0, *rates]})"
+            "width", f"{brief(width)} is not a width of this run ({[1.0, *rates]})"
         )
     names = sorted(key for key in sub_models if isinstance(key, str))
     arch = record.get("arch")
     if names and (arch not in names or width != 1.0):
         raise MalformedReplyError(
-            "arch", f"{arch!r} at width {width!r} is not an architecture of this run ({names})"
+            "arch",
+            f"{brief(arch)} at width {brief(width)} is not an architecture of this run ({names})",
         )
     if not names and arch is not None:
-        raise MalformedReplyError("arch", f"declared {arch!r}, but this run has one architecture")
+        raise MalformedReplyError(
+            "arch", f"declared {brief(arch)}, but this run has one architecture"
+        )
     return partition_id, width, arch
 
 
@@ -369,20 +389,22 @@ def _check_metrics(metrics: MetricRecord) -> tuple[int, float]:
     """``num-examples`` (a sane count) and ``train-loss`` (finite), nothing else."""
     if set(metrics.keys()) != {"num-examples", "train-loss"}:
         # FedAvg demands identical metric keys across replies: one odd reply would end the run.
-        raise MalformedReplyError("metrics-keys", f"got {sorted(metrics.keys())}")
+        raise MalformedReplyError("metrics-keys", f"got {brief(sorted(metrics.keys()))}")
     num_examples = metrics["num-examples"]
     if not _is_int(num_examples) or not 0 < num_examples <= MAX_SAMPLES_PER_CLIENT:
-        raise MalformedReplyError("num-examples", f"{num_examples!r} is not a sane sample count")
+        raise MalformedReplyError(
+            "num-examples", f"{brief(num_examples)} is not a sane sample count"
+        )
     train_loss = metrics["train-loss"]
     if not isinstance(train_loss, float) or not np.isfinite(train_loss):
-        raise MalformedReplyError("train-loss", f"{train_loss!r} is not a finite float")
+        raise MalformedReplyError("train-loss", f"{brief(train_loss)} is not a finite float")
     return num_examples, float(train_loss)
 
 
 def _check_label_counts(record: MetricRecord, num_classes: int, num_examples: int) -> list[int]:
     """One non-negative int per class, summing to ``num-examples``."""
     if set(record.keys()) != {"counts"}:
-        raise MalformedReplyError("label-counts-keys", f"got {sorted(record.keys())[:5]}")
+        raise MalformedReplyError("label-counts-keys", f"got {brief(sorted(record.keys()))}")
     counts = record["counts"]
     if (
         not isinstance(counts, list)
@@ -390,7 +412,7 @@ def _check_label_counts(record: MetricRecord, num_classes: int, num_examples: in
         or not all(_is_int(c) and c >= 0 for c in counts)
     ):
         raise MalformedReplyError(
-            "label-counts", f"need {num_classes} non-negative ints, got {counts!r:.80}"
+            "label-counts", f"need {num_classes} non-negative ints, got {brief(counts)}"
         )
     if sum(counts) != num_examples:
         raise MalformedReplyError(
@@ -419,7 +441,7 @@ def _decode_prototypes(
     """Shapes and dtypes are read off the arrays' headers first: an oversized bank is refused
     before a byte of it is copied or converted."""
     if set(record.keys()) != {"features", "classes"}:
-        raise MalformedReplyError("prototypes-keys", f"got {sorted(record.keys())}")
+        raise MalformedReplyError("prototypes-keys", f"got {brief(sorted(record.keys()))}")
     features, classes = record["features"], record["classes"]
     if features.dtype != "float32" or len(features.shape) != 2 or features.shape[1] != feature_dim:
         raise MalformedReplyError(

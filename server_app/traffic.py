@@ -113,7 +113,9 @@ def log_uplink(traffic: NodeTraffic, msg: Message) -> None:
     """Record what a reply carried from its node.
 
     Error replies carry no records and are left out: one may not even come from the node (the
-    SuperLink answers for a node that stopped sending heartbeats, under its own node id).
+    SuperLink answers for a node that stopped sending heartbeats, under its own node id). The
+    strategy sizes only well-formed replies: sizing serializes every unchunked record, several
+    copies of it at once, so a malformed one is refused first (its rule is its record).
     """
     if not msg.has_error():
         traffic.setdefault(msg.metadata.src_node_id, {})[UPLINK] = record_bytes(msg.content)

@@ -1,5 +1,6 @@
 """Train replies: packing round-trips, and every validation rule rejects what it should."""
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ from common.wire import (
     METRICS,
     PROTOTYPES,
     MalformedReplyError,
+    brief,
     pack_train_reply,
     record_to_state,
     state_signature,
@@ -458,3 +460,36 @@ def test_a_malformed_evaluate_reply_names_the_rule_it_breaks(content, rule) -> N
     with pytest.raises(MalformedReplyError) as error:
         validate_evaluate_reply(content)
     assert error.value.rule == rule
+
+
+# --- an attacker's values stay out of the error messages --------------------------------------
+
+HUGE = 10_000_000
+
+
+@pytest.mark.parametrize(
+    ("record", "value", "rule"),
+    [
+        (CLIENT, ConfigRecord({"partition-id": "7" * HUGE}), "partition-id"),
+        (CLIENT, ConfigRecord({"partition-id": 2, "width": b"\1" * HUGE}), "width"),
+        (CLIENT, ConfigRecord({"partition-id": 2, "x" * HUGE: 1}), "client-keys"),
+        (LABEL_COUNTS, MetricRecord({"counts": list(range(HUGE // 10))}), "label-counts"),
+        (METRICS, MetricRecord({"num-examples": [0.5] * HUGE, "train-loss": 0.5}), "num-examples"),
+    ],
+)
+def test_rejections_quote_a_bounded_slice_of_an_oversized_value(model, record, value, rule):
+    """A 10 MB value in a reply is named in a message of a few hundred characters, its length
+    said, never copied whole (the server must not hold more than the reply itself to refuse it:
+    benchmarks/reply_memory.py)."""
+    content = _reply(model)
+    content[record] = value
+    with pytest.raises(MalformedReplyError) as caught:
+        _validate(content, model)
+    assert caught.value.rule == rule
+    assert len(str(caught.value)) < 400
+    assert re.search(r"\(\d+ (long|items)\)", str(caught.value)), str(caught.value)
+
+
+def test_brief_keeps_short_values_whole() -> None:
+    assert brief("cnn") == "'cnn'" and brief(0.25) == "0.25" and brief([1, 2]) == "[1, 2]"
+    assert brief(["a" * 100]) == "['" + "a" * 40 + "'... (100 long)]"

@@ -282,7 +282,8 @@ class CheckedFedAvg(FedAvg):
 
     # --- replies ----------------------------------------------------------------------------
     def validate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Accepted]:
-        """Drop error replies and malformed ones (logged with the rule broken), decode the rest.
+        """Drop error replies and malformed ones (logged with the rule broken), decode the rest
+        and record their uplink bytes.
 
         The accepted replies come back ordered by (partition id, node id), whatever order they
         arrived in: floating-point sums depend on the order of their terms, and replies arrive
@@ -293,7 +294,6 @@ class CheckedFedAvg(FedAvg):
         accepted = []
         for msg in replies:
             node = self._answering_node(msg)
-            log_uplink(round_log.traffic, msg)
             if msg.has_error():
                 round_log.failed[node] = msg.error.reason
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
@@ -313,6 +313,9 @@ class CheckedFedAvg(FedAvg):
                 round_log.rejected[node] = error.rule
                 log(WARNING, "round %d: rejected reply of node %d (%s)", server_round, node, error)
                 continue
+            # Sized once well-formed: sizing means serializing, and an attacker's 512 MiB
+            # record would cost several times its size to measure (benchmarks/reply_memory.py)
+            log_uplink(round_log.traffic, msg)
             round_log.partitions[node] = reply.partition_id
             accepted.append(Accepted(node, msg, reply))
         accepted = self.refuse_inside_the_rules(server_round, accepted)
