@@ -1,7 +1,7 @@
 """One client attacks the run from inside the wire's rules: final accuracy, defences off and on.
 
     python -m benchmarks.attacks [--profile conf/quick.toml] [--clients 10] [--seeds 0]
-                                 [--attacks NAME ...] [--defences off on]
+                                 [--attacks NAME ...] [--defences off on] [--set KEY=VALUE]
                                  [--out benchmarks/results/attacks]
 
 Each attack is a tamper on the train replies of one node (the last), applied to a run of the
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ConfigRecord, Message, MetricRecord
 
-from common.config import pyproject_defaults
+from common.config import ConfigError, pyproject_defaults
 from common.wire import ARRAYS, CLIENT, LABEL_COUNTS, METRICS
+from deploy.run_config import parse_set
 from server_app.results import RunResults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,9 +169,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--defences", nargs="+", choices=["off", "on"], default=["off", "on"], help="in this order"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key in every run, after the defences (TOML literal)",
+    )
     parser.add_argument("--data-root", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "attacks")
     args = parser.parse_args(argv)
+    try:
+        sets = parse_set(args.set)
+    except ConfigError as error:
+        parser.error(str(error))
 
     base = {
         **pyproject_defaults(REPO / "pyproject.toml"),
@@ -187,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for defences in args.defences:
             # "off" zeroes the options, whatever the profile sets (the default profile has them on)
             overrides = DEFENCES_ON if defences == "on" else dict.fromkeys(DEFENCES_ON, 0.0)
-            config = {**base, **overrides, "seed": seed}
+            config = {**base, **overrides, **sets, "seed": seed}
             clean = run_one({**config, "run-name": f"clean-{defences}-s{seed}"}, args.clients, None)
             print(f"seed {seed}, defences {defences}: clean {clean['accuracy']:.4f}", flush=True)
             for name in args.attacks:
