@@ -35,6 +35,9 @@ from server_app.results import RunResults
 REPO = Path(__file__).resolve().parents[1]
 DEFENCES_ON = {"max-update-ratio": 10.0, "max-weight-ratio": 3.0, "min-claim-agreement": 0.5}
 INFLATION = 10**6
+# Under Dirichlet 0.1 the default profile's accuracy swings by up to 8 points from one FedAvg
+# round to the next, so the table also gives each run's mean over its last rounds.
+LAST_ROUNDS = 3
 
 Change = Callable[[Message], None]
 
@@ -136,26 +139,32 @@ def run_one(
         | {entry["skipped"].split(":")[0] for entry in results.participation.values()} - {""}
     )
     last = results.rounds[results.last_round]
+    tail = [results.rounds[r]["accuracy"] for r in sorted(results.rounds)[-LAST_ROUNDS:]]
     return {
         "accuracy": last["accuracy"],
+        "last-rounds": sum(tail) / len(tail),
         "rules": rules,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def render(rows: list[dict[str, Any]], title: str) -> str:
-    """The table: per attack, seed and defence setting, accuracy and drop against clean."""
+    """The table: per attack, seed and defence setting, accuracy and drop against clean, at
+    the last round and over the last :data:`LAST_ROUNDS` rounds."""
     lines = [
         f"# {title}",
         "",
-        "| attack | seed | defences | clean | attacked | drop (points) | rules named |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| attack | seed | defences | clean | attacked | drop (points) |"
+        f" drop, mean of the last {LAST_ROUNDS} rounds | rules named |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         drop = 100 * (row["clean"] - row["accuracy"])
+        drop_late = 100 * (row["clean-last-rounds"] - row["last-rounds"])
         lines.append(
             f"| {row['attack']} | {row['seed']} | {row['defences']} | {100 * row['clean']:.2f} |"
-            f" {100 * row['accuracy']:.2f} | {drop:+.2f} | {', '.join(row['rules']) or '-'} |"
+            f" {100 * row['accuracy']:.2f} | {drop:+.2f} | {drop_late:+.2f} |"
+            f" {', '.join(row['rules']) or '-'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -213,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "defences": defences,
                         **result,
                         "clean": clean["accuracy"],
+                        "clean-last-rounds": clean["last-rounds"],
                     }
                 )
                 print(render(rows[-1:], name).splitlines()[-1], flush=True)

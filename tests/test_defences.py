@@ -321,7 +321,7 @@ def test_an_aggregate_that_computes_inf_is_not_adopted(data_root, tmp_path) -> N
 
 @pytest.mark.integration
 def test_the_attack_benchmark_runs_an_attack_and_names_the_rule(data_root, tmp_path) -> None:
-    from benchmarks.attacks import ATTACKS, attacker, render, run_one
+    from benchmarks.attacks import ATTACKS, LAST_ROUNDS, attacker, render, run_one
     from tests.fakedata import tiny_run_config
 
     config = tiny_run_config(data_root, tmp_path, **FEDAVG_2_ROUNDS)
@@ -331,5 +331,9 @@ def test_the_attack_benchmark_runs_an_attack_and_names_the_rule(data_root, tmp_p
     )
     assert attacked["rules"] == ["weights-batchnorm"] and clean["rules"] == []
     row = {"attack": "negative-bn-variance", "seed": 0, "defences": "off", **attacked}
-    table = render([{**row, "clean": clean["accuracy"]}], "t")
+    row.update(clean=clean["accuracy"], **{"clean-last-rounds": clean["last-rounds"]})
+    table = render([row], "t")
     assert "| negative-bn-variance | 0 | off |" in table and "weights-batchnorm" in table
+    rounds = read_json(Path(config["results-dir"]) / "clean", "metrics.json")["rounds"]
+    tail = [rounds[r]["accuracy"] for r in sorted(rounds, key=int)[-LAST_ROUNDS:]]
+    assert clean["last-rounds"] == pytest.approx(sum(tail) / len(tail))
