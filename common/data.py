@@ -14,18 +14,13 @@ import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
 import torch
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
-from torchvision import datasets as tv_datasets
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 PartitionScheme = Literal["dirichlet", "iid", "pathological"]
 
@@ -96,6 +91,10 @@ def read_pixels(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.
     """uint8 images [N, C, H, W] and int64 labels [N], straight from torchvision's arrays."""
     if name == "svhn" and importlib.util.find_spec("scipy") is None:
         raise ImportError("svhn is stored as .mat files, which need scipy: pip install scipy")
+    # Imported here, not at the top: a node on its own data folder (common.node_data) never
+    # reads a public dataset, and each ClientApp process would pay about a second for it.
+    from torchvision import datasets as tv_datasets
+
     try:
         if name in ("fashion-mnist", "mnist"):
             reader = tv_datasets.FashionMNIST if name == "fashion-mnist" else tv_datasets.MNIST
@@ -190,6 +189,15 @@ def partition_indices(
         raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
     if not 1 <= num_partitions <= len(labels):
         raise ValueError(f"num_partitions must be in 1..{len(labels)}, got {num_partitions}")
+    # Imported here for the same reason as torchvision in read_pixels: Hugging Face datasets
+    # and the partitioners cost a ClientApp process about a second; only partitioning needs them.
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     rows = np.arange(len(labels))
     partitioner: Partitioner
     if scheme == "iid":
