@@ -127,19 +127,32 @@ def test_a_flipped_model_loses_the_weight_of_the_classes_it_cannot_recognise(
             torch.tensor(truths[g], dtype=torch.float)[:, None] for g in truths
         ],
     )
-    strategy.generators = {pid: {} for pid in truths}
-    strategy.rounds[1] = RoundLog()
+    monkeypatch.setattr(strategy, "full_size_states", lambda *args: ([{}] * 3, None))
+    kd_round = strategy.teacher_rounds()[0]
+    strategy.rounds[kd_round] = RoundLog()
+    counts = np.array([[30, 30, 30, 0], [30, 0, 30, 0], [0, 30, 30, 0]])
     accepted = [
-        SimpleNamespace(node=10 + p, reply=SimpleNamespace(partition_id=p, num_examples=60))
+        SimpleNamespace(
+            node=10 + p,
+            reply=SimpleNamespace(
+                partition_id=p,
+                num_examples=60,
+                label_counts=counts[p].tolist(),
+                sub_model=None,
+                generator_state={},
+            ),
+        )
         for p in truths
     ]
-    counts = np.array([[30, 30, 30, 0], [30, 0, 30, 0], [0, 30, 30, 0]])
-    backed = strategy.backed_counts(1, accepted, [{}] * 3, counts)
+    assert strategy.client_weights(accepted) == [None, None, None]
+    strategy.keep_replies(kd_round, accepted)  # the check runs before the round's average
     # client 2's own generator, labelled by its flipped model, cannot vouch for it, and the
     # honest generators' samples show it calls 0s 1 and 1s 2: both its claims go
-    np.testing.assert_array_equal(backed, [[30, 30, 30, 0], [30, 0, 30, 0], [0, 0, 0, 0]])
-    assert strategy.rounds[1].bounded == {12: "label-claim-unbacked: classes [1, 2]"}
-    # from now on its FedAvg weight is the share of its samples the check backs: none
+    np.testing.assert_array_equal(
+        strategy._unbacked, [[False] * 4, [False] * 4, [False, True, True, False]]
+    )
+    assert strategy.rounds[kd_round].bounded == {12: "label-claim-unbacked: classes [1, 2]"}
+    # its FedAvg weight, in this round's average already, is the share the check backs: none
     assert strategy.client_weights(accepted) == [None, None, 1]
 
 

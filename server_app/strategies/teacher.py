@@ -70,6 +70,7 @@ class TeacherStrategy(CheckedFedAvg):
         self.generators: dict[int, dict[str, torch.Tensor]] = {}  # partition id -> weights
         # partition id -> the share of its samples in classes its model backs (last check)
         self.backed_share: dict[int, float] = {}
+        self._unbacked: np.ndarray | None = None  # this round's refused claims, if checked
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -126,10 +127,16 @@ class TeacherStrategy(CheckedFedAvg):
 
     # --- the frame --------------------------------------------------------------------------
     def keep_replies(self, server_round: int, accepted: list[Accepted]) -> None:
+        """Keep the generators; in a teacher round, check the label claims here, before the
+        round's FedAvg weights are drawn, so that the model the student starts from already
+        gives an unbacked claimant its reduced weight (:meth:`client_weights`)."""
         super().keep_replies(server_round, accepted)
         for entry in accepted:
             if entry.reply.generator_state is not None:
                 self.generators[entry.reply.partition_id] = entry.reply.generator_state
+        self._unbacked = None
+        if server_round in self.teacher_rounds() and self.cfg.min_claim_agreement > 0:
+            self._unbacked = self.unbacked_claims(server_round, accepted)
 
     def after_aggregation(
         self, server_round: int, arrays: ArrayRecord, accepted: list[Accepted]
@@ -144,8 +151,8 @@ class TeacherStrategy(CheckedFedAvg):
         global_state = record_to_state(arrays)
         zeros = {key: torch.zeros_like(tensor) for key, tensor in global_state.items()}
         states, masks = self.full_size_states(server_round, accepted, zeros)
-        if self.cfg.min_claim_agreement > 0:
-            counts = self.backed_counts(server_round, accepted, states, counts)
+        if self._unbacked is not None:
+            counts = np.where(self._unbacked, 0, counts)
         clients = ClientModels(
             states,
             counts,
@@ -168,23 +175,21 @@ class TeacherStrategy(CheckedFedAvg):
             return arrays
         return state_to_record(student.state_dict())
 
-    def backed_counts(
-        self,
-        server_round: int,
-        accepted: list[Accepted],
-        states: list[dict[str, torch.Tensor]],
-        counts: np.ndarray,
-    ) -> np.ndarray:
-        """``counts`` less the claims the clients' own models do not back
-        (``min-claim-agreement``): every generator's samples, labelled by their owner, are
-        scored by every accepted model (:func:`~server_app.defences.claim_scores`), and a class
-        a client claims but its model cannot tell apart weighs nothing in the experts and the
-        prior; each such client is filed under the round's ``bounded`` with the classes, and
-        its FedAvg weight from then on is scaled by the share of its samples the check backs
+    def unbacked_claims(self, server_round: int, accepted: list[Accepted]) -> np.ndarray | None:
+        """Which label claims ``[clients, classes]`` the clients' own models do not back
+        (``min-claim-agreement``; None: no generator to check with): every generator's samples,
+        labelled by their owner, are scored by every accepted model
+        (:func:`~server_app.defences.claim_scores`), and a class a client claims but its model
+        cannot tell apart weighs nothing in the experts and the prior. Each such client is filed
+        under the round's ``bounded`` with the classes, and its FedAvg weight, from this
+        round's average on, is scaled by the share of its samples the check backs
         (:meth:`client_weights`)."""
         partitions = sorted(self.generators)
         if not partitions:
-            return counts
+            return None
+        counts = np.array([entry.reply.label_counts for entry in accepted])
+        zeros = {key: torch.zeros_like(t) for key, t in self.template.state_dict().items()}
+        states, _ = self.full_size_states(server_round, accepted, zeros)
         position = {entry.reply.partition_id: i for i, entry in enumerate(accepted)}
         generators = [self.generator_of(pid).to(self.device) for pid in partitions]
         models = self.client_models(states)
@@ -203,7 +208,7 @@ class TeacherStrategy(CheckedFedAvg):
                 rule = f"label-claim-unbacked: classes {np.flatnonzero(classes).tolist()}"
                 self.rounds[server_round].bounded[entry.node] = rule
                 log(WARNING, "round %d: node %d %s", server_round, entry.node, rule)
-        return np.where(refused, 0, counts)
+        return refused
 
     def client_weights(self, accepted: list[Accepted]) -> list[int | None]:
         """FedAvg's weights (``max-weight-ratio`` included), each scaled, once
