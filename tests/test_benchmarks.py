@@ -397,3 +397,16 @@ def test_the_docs_quote_the_committed_full_table_as_the_harness_writes_it(tmp_pa
     copy = tmp_path / "results.md"
     copy.write_text(DOCS_RESULTS.read_text())
     assert not refresh_quoted_table(table, copy), "docs/results.md quotes a stale table"
+
+
+def test_the_one_shot_profile_runs_the_suites_one_shot_protocol() -> None:
+    """conf/fmnist-dir0.1-one-shot.toml is how a user (and the attack benchmark) runs the
+    suite's one-shot protocol on the default data: its round keys must not drift from it."""
+    import tomllib
+
+    from benchmarks.suites import PROTOCOLS
+
+    profile = tomllib.loads((REPO / "conf" / "fmnist-dir0.1-one-shot.toml").read_text())
+    assert {key: profile[key] for key in PROTOCOLS["one-shot"]} == PROTOCOLS["one-shot"]
+    defaults = pyproject_defaults(REPO / "pyproject.toml")
+    assert "meta-features" not in profile and defaults["meta-features"] == "experts"
