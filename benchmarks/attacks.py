@@ -33,7 +33,7 @@ from deploy.run_config import parse_set
 from server_app.results import RunResults
 
 REPO = Path(__file__).resolve().parents[1]
-DEFENCES_ON = {"max-update-ratio": 10.0, "max-weight-ratio": 3.0, "min-claim-agreement": 0.5}
+DEFENCES_ON = {"max-update-ratio": 10.0, "max-weight-ratio": 3.0, "min-claim-agreement": 0.6}
 INFLATION = 10**6
 # Under Dirichlet 0.1 the default profile's accuracy swings by up to 8 points from one FedAvg
 # round to the next, so the table also gives each run's mean over its last rounds.

@@ -342,7 +342,7 @@ class RunConfig(BaseModel):
     # --- defences (server_app/defences.py; 0 turns each off) --------------------------------
     max_update_ratio: float = Field(ge=0, le=1e6)  # refuse updates > this x the round's median
     max_weight_ratio: float = Field(ge=0, le=1e6)  # cap client weights at this x the median
-    min_claim_agreement: float = Field(ge=0, le=1)  # label claims the models must back (J score)
+    min_claim_agreement: float = Field(ge=0, le=1)  # label claims the models must back (ROC AUC)
     aggregation: Aggregation  # mean (FedAvg) | median | trimmed-mean
     trim_fraction: float = Field(ge=0, lt=0.5)  # trimmed-mean: the share cut at each end
     krum_malicious: int = Field(ge=0, le=100_000)  # multi-krum: clients assumed malicious

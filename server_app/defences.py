@@ -12,7 +12,7 @@ finite aggregate. Options (``max-update-ratio``, ``max-weight-ratio``; 0 turns t
 bound a client against the round's median, which also moves honest outliers under strong skew.
 ``min-claim-agreement`` (0: off) checks label counts against the models themselves: the server
 holds every client's classifier and generator, so a claimed class must be one the claimant's
-model recognises on the other clients' generated samples (:func:`claim_scores`).
+model ranks above the other classes on the other clients' generated samples (:func:`claim_scores`).
 """
 
 from __future__ import annotations
@@ -118,33 +118,34 @@ def claim_scores(
     ``owners[g]`` is the index among the K of the model whose client trained that generator (-1:
     none of them). The owner labels its generator's samples: a sample is of class c when the
     owner gives c a probability of at least ``min_confidence``. On one generator, model i's
-    score for c is Youden's J: the share of the class-c samples it also labels c, minus the
-    share of the other labelled samples it labels c (so a model that calls everything c scores
-    0, as does one that never does); it needs ``min_samples`` of each. Returns ``[K, C]``: the
-    best score over the generators of other owners (so neither a client's own generator nor one
-    bad generator decides), NaN where no such generator gave enough samples.
+    score for c is the area under its ROC curve for c: the chance that it gives a class-c
+    sample a higher probability of c than a sample of another class (ties count half). A model
+    that ranks the class well scores near 1 even if it knows only a few classes; one that
+    cannot tell c from the rest scores 0.5 (calling everything c included), and one trained on
+    wrong labels well under it. It needs ``min_samples`` of each. Returns ``[K, C]``: the best
+    score over the generators of other owners (so neither a client's own generator nor one bad
+    generator decides), NaN where no such generator gave enough samples.
     """
     if not outputs:
         raise ValueError("claim_scores needs the outputs on at least one generator")
     _, num_models, num_classes = outputs[0].shape
     best = np.full((num_models, num_classes), np.nan)
-    classes = torch.arange(num_classes)
     for logits, owner in zip(outputs, owners, strict=True):
         if owner < 0:
             continue
-        probabilities = logits[:, owner].float().softmax(-1)
-        confidence, labels = probabilities.max(-1)
-        labels = labels[confidence >= min_confidence].cpu()
-        calls = logits[confidence >= min_confidence].argmax(-1).cpu()  # [n', K]
-        is_class = labels[:, None] == classes[None, :]  # [n', C]
-        positives = is_class.sum(0)  # [C]
-        negatives = len(labels) - positives
-        called = calls[:, :, None] == classes[None, None, :]  # [n', K, C]
-        hits = (called & is_class[:, None, :]).sum(0).double()  # [K, C]
-        false_alarms = (called & ~is_class[:, None, :]).sum(0).double()
-        score = hits / positives.clamp(min=1) - false_alarms / negatives.clamp(min=1)
-        enough = ((positives >= min_samples) & (negatives >= min_samples)).expand_as(score)
-        score = torch.where(enough, score, torch.nan).numpy()
+        confidence, labels = logits[:, owner].float().softmax(-1).max(-1)
+        labelled = confidence >= min_confidence
+        labels = labels[labelled].cpu()
+        probabilities = logits[labelled].float().softmax(-1).cpu()  # [n', K, C]
+        score = np.full((num_models, num_classes), np.nan)
+        for c in range(num_classes):
+            positive = labels == c
+            if positive.sum() < min_samples or (~positive).sum() < min_samples:
+                continue
+            p_c = probabilities[:, :, c]  # [n', K]
+            above = p_c[positive][:, None, :] - p_c[~positive][None, :, :]  # [pos, neg, K]
+            wins = (above > 0).double().mean((0, 1)) + 0.5 * (above == 0).double().mean((0, 1))
+            score[:, c] = wins.numpy()
         score[owner] = np.nan  # a generator never vouches for its own client
         best = np.fmax(best, score)
     return best

@@ -74,7 +74,7 @@ def _calls(labels: list[int], num_classes: int = 4) -> torch.Tensor:
     return 20.0 * torch.nn.functional.one_hot(torch.tensor(labels), num_classes).float()
 
 
-def test_claim_scores_reward_telling_a_class_apart_and_ignore_a_clients_own_generator() -> None:
+def test_claim_scores_reward_ranking_a_class_first_and_ignore_a_clients_own_generator() -> None:
     truth = [0] * 5 + [1] * 5 + [2] * 5  # generator 0's samples as its owner (model 0) calls them
     honest = _calls(truth)
     everything_is_2 = _calls([2] * 15)
@@ -82,12 +82,32 @@ def test_claim_scores_reward_telling_a_class_apart_and_ignore_a_clients_own_gene
     outputs = [torch.stack([honest, everything_is_2, shifted], dim=1)]  # [15, K=3, C=4]
     scores = claim_scores(outputs, owners=[0], min_samples=4)
     assert np.isnan(scores[0]).all()  # its own generator vouches for nothing
-    np.testing.assert_allclose(scores[1, :3], [0.0, 0.0, 0.0])  # calls all 2: no better than none
-    np.testing.assert_allclose(scores[2, :3], [0.0, -0.5, -0.5])  # misses each; 1 called for 0s
+    np.testing.assert_allclose(scores[1, :3], [0.5, 0.5, 0.5])  # calls all 2: chance
+    # 1s called 2 and 2s called 3, while 0s are called 1 and 1s 2: ranked under the others
+    np.testing.assert_allclose(scores[2, :3], [0.5, 0.25, 0.25])
     assert np.isnan(scores[:, 3]).all()  # no sample of class 3: nothing to say
     # the best generator of another owner decides: a second, honest view lifts model 1's class 2
     second = torch.stack([_calls(truth), _calls(truth), _calls(truth)], dim=1)
     assert claim_scores([*outputs, second], owners=[0, 2])[1, 2] == 1.0
+
+
+def test_a_model_that_knows_few_classes_still_backs_them() -> None:
+    """Under strong label skew a client's model knows two classes and calls everything one of
+    them; it still ranks its classes' samples first, so its claims stand."""
+    truth = [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    narrow = torch.stack(
+        [
+            torch.tensor([4.0, 0.0, 1.0, 0.0])
+            if t == 0
+            else torch.tensor([0.0, 4.0, 1.0, 0.0])
+            if t == 1
+            else torch.tensor([1.0, 1.5, 0.0, 0.0])
+            for t in truth
+        ]
+    )
+    outputs = [torch.stack([_calls(truth, 4), narrow], dim=1)]
+    scores = claim_scores(outputs, owners=[0])
+    assert scores[1, 0] == 1.0 and scores[1, 1] == 1.0
 
 
 def test_unbacked_claims_are_refused_unless_no_claimant_of_the_class_is_left() -> None:
@@ -105,7 +125,7 @@ def test_a_flipped_model_loses_the_weight_of_the_classes_it_cannot_recognise(
 ) -> None:
     """The server's check wired end to end, on crafted outputs: each generator's samples carry
     their class, client 2's model calls every class the next one (trained on flipped labels)."""
-    cfg = tiny_run_config(tmp_path, tmp_path, strategy="feddf", min_claim_agreement=0.5)
+    cfg = tiny_run_config(tmp_path, tmp_path, strategy="feddf", min_claim_agreement=0.6)
     strategy = build_strategy(parse_run_config(cfg))
     truths = {0: [0] * 8 + [1] * 8 + [2] * 8, 1: [0] * 8 + [2] * 8, 2: [1] * 8 + [2] * 8}
 
