@@ -11,6 +11,11 @@ with the defences at their defaults (``off``: only what is always on) and with t
 :data:`DEFENCES_ON`), against a clean run of the same seed and defence setting. The table
 (``attacks.md`` in ``--out``, rewritten after every run) gives final accuracy, the drop against
 the clean run, and the rules the server named (refusals, bounds and skipped rounds).
+
+Clients compute honest replies and the tamper changes them on the way to the server, so the
+runs of one seed share their client work wherever the server sent the same message: every
+reply goes through the benchmarks' reply cache (``--cache``, :mod:`benchmarks.reply_cache`;
+``--force`` recomputes). In one-shot runs that is all of it: one client pass per seed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ConfigRecord, Message, MetricRecord
 
+from benchmarks.reply_cache import ReplyCache
 from common.config import ConfigError, pyproject_defaults
 from common.wire import ARRAYS, CLIENT, LABEL_COUNTS, METRICS
 from deploy.run_config import parse_set
@@ -121,13 +127,19 @@ def attacker(node: int, change: Change) -> Callable[[int, Message], Message]:
 
 
 def run_one(
-    config: dict[str, Any], clients: int, tamper: Callable[[int, Message], Message] | None
+    config: dict[str, Any],
+    clients: int,
+    tamper: Callable[[int, Message], Message] | None,
+    cache: ReplyCache | None = None,
 ) -> dict[str, Any]:
-    """One in-process run; its final accuracy and the rules the server named."""
+    """One in-process run; its final accuracy and the rules the server named. The clients
+    answer from ``cache`` where they can: the tamper applies to the reply either way."""
+    from client_app.app import app
     from server_app.inprocess import run_inprocess
 
     started = time.perf_counter()
-    run_inprocess(config, clients, tamper=tamper)
+    client_app = cache.wrap(app) if cache is not None else app
+    run_inprocess(config, clients, tamper=tamper, client_app=client_app)
     results = RunResults.read(Path(config["results-dir"]) / config["run-name"])
     rules = sorted(
         {rule for entry in results.participation.values() for rule in entry["rejected"].values()}
@@ -187,6 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--data-root", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "attacks")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "client-replies",
+        help="the client replies shared with the benchmark suites",
+    )
+    parser.add_argument("--force", action="store_true", help="recompute every client reply")
     args = parser.parse_args(argv)
     try:
         sets = parse_set(args.set)
@@ -203,18 +222,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
+    cache = ReplyCache(args.cache, read=not args.force)
     title = f"One attacker of {args.clients} clients, profile {args.profile.name}"
     for seed in args.seeds:
         for defences in args.defences:
             # "off" zeroes the options, whatever the profile sets (the default profile has them on)
             overrides = DEFENCES_ON if defences == "on" else dict.fromkeys(DEFENCES_ON, 0.0)
             config = {**base, **overrides, **sets, "seed": seed}
-            clean = run_one({**config, "run-name": f"clean-{defences}-s{seed}"}, args.clients, None)
+            clean_config = {**config, "run-name": f"clean-{defences}-s{seed}"}
+            clean = run_one(clean_config, args.clients, None, cache)
             print(f"seed {seed}, defences {defences}: clean {clean['accuracy']:.4f}", flush=True)
             for name in args.attacks:
                 tamper = attacker(args.clients, ATTACKS[name])
                 run_name = f"{name}-{defences}-s{seed}"
-                result = run_one({**config, "run-name": run_name}, args.clients, tamper)
+                result = run_one({**config, "run-name": run_name}, args.clients, tamper, cache)
                 rows.append(
                     {
                         "attack": name,
@@ -229,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # after every run: a stopped benchmark keeps what it measured
                 (args.out / "attacks.md").write_text(render(rows, title))
                 (args.out / "attacks.json").write_text(json.dumps(rows, indent=2))
+    print(f"client replies: {cache.reused} reused, {cache.computed} computed")
     print(f"wrote {args.out / 'attacks.md'}")
     return 0
 

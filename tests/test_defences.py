@@ -355,13 +355,19 @@ def test_an_aggregate_that_computes_inf_is_not_adopted(data_root, tmp_path) -> N
 @pytest.mark.integration
 def test_the_attack_benchmark_runs_an_attack_and_names_the_rule(data_root, tmp_path) -> None:
     from benchmarks.attacks import ATTACKS, LAST_ROUNDS, attacker, render, run_one
+    from benchmarks.reply_cache import ReplyCache
     from tests.fakedata import tiny_run_config
 
     config = tiny_run_config(data_root, tmp_path, **FEDAVG_2_ROUNDS)
-    clean = run_one({**config, "run-name": "clean"}, 3, None)
+    cache = ReplyCache(tmp_path / "client-replies")
+    clean = run_one({**config, "run-name": "clean"}, 3, None, cache)
+    computed = cache.computed
     attacked = run_one(
-        {**config, "run-name": "bn"}, 3, attacker(3, ATTACKS["negative-bn-variance"])
+        {**config, "run-name": "bn"}, 3, attacker(3, ATTACKS["negative-bn-variance"]), cache
     )
+    # round 1 sends both runs the same message: the attacked run reuses the clean run's
+    # replies, and the tamper still changes node 3's on its way to the server
+    assert cache.reused >= 3 and cache.computed < 2 * computed
     assert attacked["rules"] == ["weights-batchnorm"] and clean["rules"] == []
     row = {"attack": "negative-bn-variance", "seed": 0, "defences": "off", **attacked}
     row.update(clean=clean["accuracy"], **{"clean-last-rounds": clean["last-rounds"]})
