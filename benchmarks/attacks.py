@@ -151,7 +151,8 @@ def run_one(
         | {entry["skipped"].split(":")[0] for entry in results.participation.values()} - {""}
     )
     last = results.rounds[results.last_round]
-    tail = [results.rounds[r]["accuracy"] for r in sorted(results.rounds)[-LAST_ROUNDS:]]
+    trained = sorted(r for r in results.rounds if int(r) > 0)  # round 0: the initial model
+    tail = [results.rounds[r]["accuracy"] for r in trained[-LAST_ROUNDS:]]
     return {
         "accuracy": last["accuracy"],
         "last-rounds": sum(tail) / len(tail),

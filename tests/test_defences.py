@@ -374,5 +374,5 @@ def test_the_attack_benchmark_runs_an_attack_and_names_the_rule(data_root, tmp_p
     table = render([row], "t")
     assert "| negative-bn-variance | 0 | off |" in table and "weights-batchnorm" in table
     rounds = read_json(Path(config["results-dir"]) / "clean", "metrics.json")["rounds"]
-    tail = [rounds[r]["accuracy"] for r in sorted(rounds, key=int)[-LAST_ROUNDS:]]
+    tail = [rounds[r]["accuracy"] for r in sorted(rounds, key=int) if int(r) > 0][-LAST_ROUNDS:]
     assert clean["last-rounds"] == pytest.approx(sum(tail) / len(tail))
