@@ -200,6 +200,7 @@ def train(msg: Message, context: Context) -> Message:
             min_samples=cfg.min_proto_samples,
             device=device,
             seed=seed,
+            max_samples=cfg.proto_max_samples,
         )
 
     local = cfg.local_training(len(labels), instructions.lr, instructions.proximal_mu)

@@ -37,7 +37,13 @@ Strategy = Literal[
 # Run-config keys of optional steps, by step; each strategy class declares which it reads
 # (server_app.strategies derives from that what a result depends on).
 PROTOTYPE_KEYS: frozenset[str] = frozenset(
-    {"proto-start-round", "proto-bank-rounds", "protos-per-class", "min-proto-samples"}
+    {
+        "proto-start-round",
+        "proto-bank-rounds",
+        "protos-per-class",
+        "min-proto-samples",
+        "proto-max-samples",
+    }
 )
 CLIENT_GENERATOR_KEYS: frozenset[str] = frozenset(
     {
@@ -99,6 +105,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "fraction-train",
             "fraction-evaluate",
             "server-test-set",
+            "test-samples",
             "tracking",
             "round-timeout",
             "min-replies",
@@ -284,6 +291,7 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(gt=0, le=1)
     fraction_evaluate: float = Field(ge=0, le=1)
     server_test_set: bool  # false: the server holds no data; evaluation is federated only
+    test_samples: int = Field(ge=0, le=10_000_000)  # > 0: evaluate on this many test samples
     tracking: Tracking  # "tensorboard": every round's scalars as TensorBoard events too
     round_timeout: float = Field(gt=0, le=604_800)
     min_replies: int = Field(ge=1, le=100_000)  # fewer accepted replies: the round is skipped
@@ -302,6 +310,7 @@ class RunConfig(BaseModel):
     proto_start_round: int = Field(ge=1, le=100_000)  # R_p: clients upload prototypes from here
     proto_bank_rounds: int = Field(ge=1, le=100_000)  # B: the bank keeps the last B rounds
     protos_per_class: int = Field(ge=1, le=1_000)  # k: k-means centres per class per client
+    proto_max_samples: int = Field(ge=0, le=10_000_000)  # per class; 0: every sample
     min_proto_samples: int = Field(ge=1, le=1_000_000)
     # --- generator (client side, trained once) ----------------------------------------------
     generator_round: int = Field(ge=0, le=100_000)  # 0 -> the kd-round
@@ -398,6 +407,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 "fraction-evaluate: is 0 and server-test-set is false, so nothing would ever "
                 "evaluate the model; let clients evaluate on their held-out data (e.g. 1.0)"
+            )
+        if 0 < self.proto_max_samples < self.min_proto_samples:
+            raise ValueError(
+                f"proto-max-samples: {self.proto_max_samples} is below min-proto-samples "
+                f"{self.min_proto_samples}, so no class could form a prototype (0: every sample)"
             )
         if self.min_replies > self.min_nodes:
             raise ValueError(

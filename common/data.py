@@ -10,7 +10,10 @@ and row indices only, so they are seeded, reproducible and cheap.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +144,19 @@ def load_dataset(name: str, root: str | Path, train: bool) -> tuple[torch.Tensor
     return _load_normalised(name, str(Path(root).expanduser().resolve()), train)
 
 
+def evaluation_subset(
+    images: torch.Tensor, labels: torch.Tensor, samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` rows of a split, drawn by a fixed permutation (seed 0, whatever the run's
+    seed) and kept in their original order: every run that asks for the same size is judged
+    on the same images. ``samples`` of 0 or at least the split's size keep it whole."""
+    if not 0 < samples < len(labels):
+        return images, labels
+    rows = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:samples]
+    rows = rows.sort().values
+    return images[rows], labels[rows]
+
+
 def generator_to_classifier_input(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """Map a generator's tanh output in [-1, 1] into the classifier's normalised input space.
 
@@ -242,6 +258,48 @@ def partition_indices(
         ) from error
 
 
+PARTITION_CACHE = ".partitions"  # under the data root: one .npz per split asked for
+
+
+def _partition_cache_file(root: str, name: str, labels: np.ndarray, arguments: tuple) -> Path:
+    """Where the partitions of ``labels`` under ``arguments`` are kept: named by a hash of the
+    labels, the arguments and the flwr-datasets version, so a changed input is a new file."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    digest.update(repr((arguments, version("flwr-datasets"))).encode())
+    return Path(root) / PARTITION_CACHE / f"{name}-{digest.hexdigest()[:32]}.npz"
+
+
+def _read_partition_cache(path: Path, num_partitions: int, size: int) -> list[np.ndarray] | None:
+    """The cached partitions, or None when the file is missing or not a valid split of ``size``
+    rows into ``num_partitions`` disjoint parts (then they are computed and written again)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            parts = [stored[f"p{pid}"] for pid in range(num_partitions)]
+    except (OSError, KeyError, ValueError):
+        return None
+    rows = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    valid = (
+        all(p.dtype == np.int64 and p.ndim == 1 for p in parts)
+        and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < size))
+        and len(np.unique(rows)) == len(rows)
+    )
+    return parts if valid else None
+
+
+def _write_partition_cache(path: Path, parts: list[np.ndarray]) -> None:
+    """Write atomically (a temporary file renamed into place: processes that partition at the
+    same time never read half a file); a read-only data root just goes without the cache."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, **{f"p{pid}": part for pid, part in enumerate(parts)})
+        os.replace(tmp.name, path)
+    except OSError:
+        return
+
+
 @functools.lru_cache(maxsize=8)
 def _client_partitions(
     name: str,
@@ -253,16 +311,23 @@ def _client_partitions(
     min_partition_size: int,
     seed: int,
 ) -> list[torch.Tensor]:
+    """Every client's rows, computed once per data root: in deployment each message starts a
+    fresh ClientApp process, and partitioning (with the Hugging Face import) costs it ~3 s."""
     _, labels = load_dataset(name, root, train=True)
-    indices = partition_indices(
-        labels.numpy(),
-        num_partitions,
-        scheme,
-        alpha=alpha,
-        classes_per_partition=classes_per_partition,
-        min_partition_size=min_partition_size,
-        seed=seed,
-    )
+    arguments = (num_partitions, scheme, alpha, classes_per_partition, min_partition_size, seed)
+    cache = _partition_cache_file(root, name, labels.numpy(), arguments)
+    indices = _read_partition_cache(cache, num_partitions, len(labels))
+    if indices is None:
+        indices = partition_indices(
+            labels.numpy(),
+            num_partitions,
+            scheme,
+            alpha=alpha,
+            classes_per_partition=classes_per_partition,
+            min_partition_size=min_partition_size,
+            seed=seed,
+        )
+        _write_partition_cache(cache, indices)
     return [torch.from_numpy(part) for part in indices]
 
 

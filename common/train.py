@@ -175,6 +175,23 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 25, seed: int = 0)
     return assignment
 
 
+def _prototype_rows(labels: torch.Tensor, max_samples: int, seed: int) -> torch.Tensor | None:
+    """The rows prototypes are computed from, in their original order: per class at most
+    ``max_samples`` (a seeded draw); None when every row is kept."""
+    if max_samples <= 0:
+        return None
+    rng = torch.Generator().manual_seed(seed)
+    kept = []
+    for cls in labels.unique().tolist():
+        rows = (labels == cls).nonzero().flatten()
+        if len(rows) > max_samples:
+            rows = rows[torch.randperm(len(rows), generator=rng)[:max_samples]]
+        kept.append(rows)
+    if sum(len(rows) for rows in kept) == len(labels):
+        return None
+    return torch.cat(kept).sort().values
+
+
 @dataclass(frozen=True)
 class Prototypes:
     """Class prototypes: cluster centres in feature space, each with its class id."""
@@ -193,6 +210,7 @@ def compute_prototypes(
     min_samples: int,
     device: torch.device,
     seed: int = 0,
+    max_samples: int = 0,
 ) -> Prototypes:
     """Per class, up to ``per_class`` k-means centres of penultimate features.
 
@@ -200,7 +218,14 @@ def compute_prototypes(
     gets k = min(per_class, n // min_samples) clusters; clusters that end up smaller than
     ``min_samples`` are merged away by dropping them (their points are not sent on their own),
     and a class with fewer than ``min_samples`` samples sends nothing.
+
+    ``max_samples`` > 0 clusters a seeded random draw of at most that many samples per class:
+    a few centres need a few hundred points, and the feature pass over every local sample
+    would otherwise cost more than a round of local training.
     """
+    keep = _prototype_rows(labels, max_samples, seed)
+    if keep is not None:
+        images, labels = images[keep], labels[keep]
     model.to(device).eval()
     features = torch.cat(
         [model.features(images[i : i + 1024].to(device)).cpu() for i in range(0, len(images), 1024)]

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.architectures import global_model_of
 from common.config import RunConfig
-from common.data import dataset_info, load_dataset
+from common.data import dataset_info, evaluation_subset, load_dataset
 from common.paths import data_root, results_root
 from common.train import evaluate, resolve_device
 from common.wire import record_to_state, state_to_record
@@ -167,6 +167,14 @@ def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None
     evaluate_model = _no_test_set
     if cfg.server_test_set:
         test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)
+        if 0 < cfg.test_samples < len(test_labels):
+            log(
+                INFO,
+                "Evaluating on %d of the %d test samples (test-samples)",
+                cfg.test_samples,
+                len(test_labels),
+            )
+            test_images, test_labels = evaluation_subset(test_images, test_labels, cfg.test_samples)
 
         def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
             result = evaluate(model, test_images, test_labels, device)

@@ -285,6 +285,7 @@ class RunResults:
     phase_seconds: dict[str, float]
     participation: dict[int, dict[str, Any]]
     label_counts: dict[str, list[int]]
+    test_samples: int = 0  # the run's test-samples: > 0, its accuracy is on that many samples
 
     @classmethod
     def read(cls, folder: Path) -> RunResults:
@@ -296,6 +297,7 @@ class RunResults:
             phase_seconds=dict(metrics.get("phase-seconds", {})),
             participation={int(r): v for r, v in _read_json(folder / PARTICIPATION, {}).items()},
             label_counts=_read_json(folder / LABEL_COUNTS, {}),
+            test_samples=int(_read_json(folder / CONFIG, {}).get("test-samples", 0)),
         )
 
     @property
@@ -329,6 +331,8 @@ class RunResults:
         label = (
             "test accuracy" if key == "accuracy" else "federated accuracy (clients' held-out data)"
         )
+        if key == "accuracy" and self.test_samples:
+            label += f" ({self.test_samples} test samples)"
         value = self.rounds[last].get(key)
         lines = [
             f"final {label}: " + ("-" if value is None else f"{value:.4f}") + f" (round {last})"

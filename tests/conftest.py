@@ -11,6 +11,9 @@ import torch
 
 pytest_plugins = ["tests.real_processes"]  # the flwr_home fixture of the real-process tests
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# One thread per xdist worker, in this process and in every process a test starts (launchers,
+# SuperLinks, ClientApps): two workers on two cores, not two OpenMP teams per ClientApp.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 

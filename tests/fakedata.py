@@ -98,6 +98,8 @@ OTHER_VALUES: dict[str, Any] = {
     "fraction-train": 0.5,
     "fraction-evaluate": 0.3,
     "server-test-set": False,
+    "test-samples": 50,
+    "proto-max-samples": 7,
     "tracking": "tensorboard",
     "round-timeout": 30.0,
     "min-replies": 2,

@@ -156,6 +156,8 @@ def valid_configs(draw) -> dict[str, Any]:
         values["run-name"] = draw(st.from_regex(_pattern("run-name"), fullmatch=True).filter(bool))
     if not values["server-test-set"] and values["fraction-evaluate"] == 0:
         values["fraction-evaluate"] = draw(st.floats(0.01, 1.0))
+    if 0 < values["proto-max-samples"] < values["min-proto-samples"]:
+        values["proto-max-samples"] = 0
     return values
 
 
@@ -196,6 +198,13 @@ BROKEN_RULES: list[tuple[str, Callable[[Any, dict], dict]]] = [
         },
     ),
     ("min-replies", lambda draw, v: {"min-replies": v["min-nodes"] + draw(st.integers(1))}),
+    (
+        "proto-max-samples",
+        lambda draw, v: {
+            "min-proto-samples": max(2, v["min-proto-samples"]),
+            "proto-max-samples": draw(st.integers(1, max(2, v["min-proto-samples"]) - 1)),
+        },
+    ),
     ("resume", lambda draw, v: {"resume": True, "run-name": ""}),
     ("fraction-evaluate", lambda draw, v: {"server-test-set": False, "fraction-evaluate": 0.0}),
     ("meta-prior", lambda draw, v: {"strategy": "mosaic-no-meta", "meta-prior": "none"}),

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from common.data import (
+    PARTITION_CACHE,
     DatasetNotFoundError,
+    _client_partitions,
     classifier_input_to_pixels,
     dataset_info,
     dataset_names,
+    evaluation_subset,
     generator_to_classifier_input,
     label_counts,
     load_client_partition,
@@ -186,3 +189,58 @@ def test_client_partitions_slice_the_train_split(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match=r"partition_id 4 is out of range .*0\.\.3"):
         load_client_partition("fashion-mnist", tmp_path, 4, 4, "iid")
+
+
+def _partitions_afresh(root: Path) -> list[list[int]]:
+    """Every client's labels of a 4-way Dirichlet split, as a new process would load them."""
+    _client_partitions.cache_clear()
+    return [
+        load_client_partition(
+            "fashion-mnist", root, pid, 4, "dirichlet", 1.0, min_partition_size=1
+        )[1].tolist()
+        for pid in range(4)
+    ]
+
+
+def test_partitions_are_computed_once_per_data_root_and_a_bad_cache_is_recomputed(
+    tmp_path, monkeypatch
+) -> None:
+    _write_fashion_mnist(tmp_path)
+    first = _partitions_afresh(tmp_path)
+    [cache] = (tmp_path / PARTITION_CACHE).iterdir()
+
+    def no_partitioning(*args, **kwargs):
+        raise AssertionError("partitioned again although the split is cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("common.data.partition_indices", no_partitioning)
+        assert _partitions_afresh(tmp_path) == first
+
+    np.savez(cache, p0=np.array([0, 0]), p1=np.array([1]), p2=np.array([2]), p3=np.array([3]))
+    assert _partitions_afresh(tmp_path) == first  # rows twice: not a split, so computed again
+    cache.write_bytes(b"not a zip file")
+    assert _partitions_afresh(tmp_path) == first
+    assert _partitions_afresh(tmp_path / ".." / tmp_path.name) == first  # the same root, resolved
+
+
+def test_a_data_root_the_cache_cannot_be_written_to_still_partitions(tmp_path) -> None:
+    _write_fashion_mnist(tmp_path)
+    (tmp_path / PARTITION_CACHE).write_text("a file where the cache folder would go")
+    first = _partitions_afresh(tmp_path)
+    assert _partitions_afresh(tmp_path) == first
+    assert (tmp_path / PARTITION_CACHE).is_file()
+
+
+def test_the_evaluation_subset_is_the_same_for_every_seed_and_keeps_the_split_order() -> None:
+    images = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1)
+    labels = torch.arange(100) % 10
+    torch.manual_seed(1)
+    first_images, first_labels = evaluation_subset(images, labels, 30)
+    torch.manual_seed(2)
+    again_images, _ = evaluation_subset(images, labels, 30)
+    rows = first_images.flatten().long()
+    assert torch.equal(first_images, again_images) and len(rows) == 30
+    assert torch.equal(rows, rows.sort().values) and len(rows.unique()) == 30
+    assert torch.equal(first_labels, labels[rows])
+    for whole in (0, 100, 500):
+        assert evaluation_subset(images, labels, whole)[0] is images

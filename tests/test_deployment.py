@@ -105,6 +105,17 @@ def test_a_new_san_reissues_the_server_certificate_only(tmp_path: Path) -> None:
     assert "supernode-0" in sans.get_values_for_type(x509.DNSName)
 
 
+def test_supernodes_share_the_cores_unless_the_environment_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert LocalFederation(tmp_path, 3, tmp_path).node_env()["OMP_NUM_THREADS"] == "2"
+    assert LocalFederation(tmp_path, 10, tmp_path).node_env()["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert LocalFederation(tmp_path, 3, tmp_path).node_env()["OMP_NUM_THREADS"] == "4"
+
+
 # --- local deployment, real processes ---------------------------------------------------------
 
 

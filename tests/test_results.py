@@ -34,3 +34,10 @@ def test_what_the_report_writes_reads_back(tmp_path: Path) -> None:
     assert "teacher-accuracy: 0.7000 (round 1)" in lines
     assert "wall time, total: 12.0 s" in lines
     assert RunResults.read(tmp_path / "missing").summary_lines()[0].startswith("no metrics")
+
+
+def test_the_summary_says_when_the_accuracy_is_on_a_test_subset(tmp_path: Path) -> None:
+    report = RunReport(tmp_path, _cfg(), {"run-name": "r", "test-samples": 1000})
+    report.record_round(1, accuracy=0.5, loss=1.2)
+    lines = RunResults.read(tmp_path / "r").summary_lines()
+    assert lines[0] == "final test accuracy (1000 test samples): 0.5000 (round 1)"

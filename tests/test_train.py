@@ -9,6 +9,7 @@ from torch import nn
 from common.config import LocalTraining
 from common.models import Classifier, build_classifier
 from common.train import (
+    Prototypes,
     compute_prototypes,
     crop_and_flip,
     evaluate,
@@ -285,6 +286,44 @@ def test_class_with_just_min_samples_sends_its_mean() -> None:
 
     assert prototypes.classes.tolist() == [0]
     assert torch.allclose(prototypes.features[0], points.mean(0))
+
+
+class CountingFeatures(IdentityFeatures):
+    """Identity features that remember every row they were asked for."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__(dim=dim, num_classes=num_classes)
+        self.seen: list[torch.Tensor] = []
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return super().features(x)
+
+
+def test_max_samples_featurises_a_seeded_draw_per_class_and_keeps_small_classes_whole() -> None:
+    points = torch.arange(130, dtype=torch.float32).view(130, 1)  # a point's value is its row
+    labels = torch.tensor([0] * 100 + [1] * 30)
+
+    def run(max_samples: int, seed: int) -> tuple[list[float], Prototypes]:
+        model = CountingFeatures(dim=1, num_classes=2)
+        prototypes = compute_prototypes(
+            model,
+            points,
+            labels,
+            per_class=2,
+            min_samples=5,
+            device=CPU,
+            seed=seed,
+            max_samples=max_samples,
+        )
+        return torch.cat(model.seen).flatten().tolist(), prototypes
+
+    rows, prototypes = run(40, seed=0)
+    assert len(rows) == 40 + 30 and rows == sorted(rows)  # 40 of class 0, class 1 whole
+    assert sum(r < 100 for r in rows) == 40 and set(range(100, 130)) <= set(rows)
+    assert rows == run(40, seed=0)[0] and rows != run(40, seed=1)[0]
+    assert sorted(prototypes.classes.tolist()) == [0, 0, 1, 1]
+    assert run(0, seed=0)[0] == run(500, seed=0)[0] == points.flatten().tolist()
 
 
 def test_no_class_large_enough_gives_empty_prototypes_of_the_right_width() -> None:
