@@ -1,9 +1,9 @@
 """Datasets, normalisation and client partitions.
 
-Images are read once per process with torchvision's readers (same folder layout as torchvision,
-``download=False``: fetching is :mod:`common.fetch_data`'s job) and handed out as one normalised
-float32 tensor; a simulation then slices its clients out of that tensor instead of re-reading the
-files for every client. Partitions come from flwr_datasets' partitioners, run on a table of labels
+Images are read once per process, in torchvision's folder layout (``download=False``: fetching
+is :mod:`common.fetch_data`'s job; the MNIST family's IDX files by :func:`read_idx`, the rest by
+torchvision's readers), and handed out as one normalised float32 tensor; a simulation then
+slices its clients out of that tensor instead of re-reading the files for every client. Partitions come from flwr_datasets' partitioners, run on a table of labels
 and row indices only, so they are seeded, reproducible and cheap.
 """
 
@@ -90,8 +90,45 @@ def _missing_message(name: str, root: str) -> str:
     )
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An uncompressed IDX file of unsigned bytes, the MNIST family's format: two zero bytes,
+    the type code 0x08, the rank, the dimensions as big-endian int32, then the data.
+
+    The same parse as torchvision's ``read_sn3_pascalvincent_tensor``, without importing
+    torchvision: that import costs each ClientApp process about 1.3 s, and in deployment every
+    message starts one. Raises ``ValueError`` when the bytes do not match their header."""
+    data = bytearray(path.read_bytes())  # writable, so torch.from_numpy can share it
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    rank = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=rank, offset=4).astype(np.int64)
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
+    if len(dims) != rank or body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: {body.size} bytes of data for dimensions {dims.tolist()}")
+    return body.reshape(dims.tolist())
+
+
+def _read_mnist_family(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's layout (``root/FashionMNIST/raw/train-images-idx3-ubyte`` ...) and checks
+    (images of rank 3, one label each), read by :func:`read_idx`."""
+    raw = Path(root) / _TORCHVISION_FOLDER[name] / "raw"
+    split = "train" if train else "t10k"
+    try:
+        images = read_idx(raw / f"{split}-images-idx3-ubyte")
+        labels = read_idx(raw / f"{split}-labels-idx1-ubyte")
+    except (OSError, ValueError) as error:
+        raise DatasetNotFoundError(_missing_message(name, root)) from error
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetNotFoundError(
+            f"{_missing_message(name, root)} (found images {images.shape}, labels {labels.shape})"
+        )
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+
+
 def read_pixels(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N, C, H, W] and int64 labels [N], straight from torchvision's arrays."""
+    """uint8 images [N, C, H, W] and int64 labels [N], as torchvision's readers give them."""
+    if name in ("fashion-mnist", "mnist"):
+        return _read_mnist_family(name, root, train)
     if name == "svhn" and importlib.util.find_spec("scipy") is None:
         raise ImportError("svhn is stored as .mat files, which need scipy: pip install scipy")
     # Imported here, not at the top: a node on its own data folder (common.node_data) never
@@ -99,10 +136,6 @@ def read_pixels(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.
     from torchvision import datasets as tv_datasets
 
     try:
-        if name in ("fashion-mnist", "mnist"):
-            reader = tv_datasets.FashionMNIST if name == "fashion-mnist" else tv_datasets.MNIST
-            mnist = reader(root, train=train, download=False)
-            return mnist.data.unsqueeze(1), mnist.targets.long()
         if name == "cifar10":
             cifar = tv_datasets.CIFAR10(root, train=train, download=False)
             pixels = torch.from_numpy(cifar.data).permute(0, 3, 1, 2)  # stored HWC

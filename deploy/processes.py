@@ -119,18 +119,28 @@ def stop_processes(roots: list[int], grace: float = 10.0) -> list[int]:
         live.discard(os.getpid())
         return sorted(pid for pid in live if not now[pid].zombie)
 
-    def signal_and_wait(pids: list[int], kill: bool, wait: float) -> list[int]:
+    def signal_and_wait(
+        pids: list[int], kill: bool, wait: float, until_gone: set[int] | None = None
+    ) -> list[int]:
+        """Signal ``pids``; wait until ``until_gone`` (default: the whole tree) has exited."""
         for pid in pids:  # terminate: SIGTERM (TerminateProcess on Windows); kill: SIGKILL
             with contextlib.suppress(psutil.Error):
                 process = psutil.Process(pid)
                 if process.create_time() == targets.get(pid, process.create_time()):
                     process.kill() if kill else process.terminate()
         deadline = time.monotonic() + wait
-        while (left := alive()) and time.monotonic() < deadline:
+
+        def waiting(left: list[int]) -> bool:
+            return bool(left if until_gone is None else until_gone.intersection(left))
+
+        while waiting(left := alive()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return left
 
-    left = signal_and_wait(roots, kill=False, wait=min(grace, 3.0))
+    # The roots first, so each can stop its own children in order; once they are gone, what
+    # they leave (a SuperExec that would notice its parent's death only on its next poll) is
+    # signalled at once rather than waited for.
+    left = signal_and_wait(roots, kill=False, wait=min(grace, 3.0), until_gone=set(roots))
     if left:
         left = signal_and_wait(left, kill=False, wait=grace)
     if left:

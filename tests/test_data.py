@@ -20,6 +20,8 @@ from common.data import (
     load_client_partition,
     load_dataset,
     partition_indices,
+    read_idx,
+    read_pixels,
 )
 from tests.fakedata import write_fake_cifar10, write_idx
 
@@ -168,6 +170,39 @@ def test_load_svhn_from_mat_files(tmp_path, monkeypatch) -> None:
     images, labels = load_dataset("svhn", tmp_path, train=True)
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 1, 2, 3]
     assert images[:, 1].min() > images[:, 0].max()
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")]
+)
+def test_idx_files_read_as_torchvision_reads_them(tmp_path, name, folder) -> None:
+    from torchvision import datasets as tv_datasets
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / folder / "raw"
+    for split, n in (("train", 30), ("t10k", 7)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    reader = tv_datasets.FashionMNIST if name == "fashion-mnist" else tv_datasets.MNIST
+    for train in (True, False):
+        pixels, labels = read_pixels(name, str(tmp_path), train)
+        expected = reader(str(tmp_path), train=train, download=False)
+        assert pixels.dtype == torch.uint8 and labels.dtype == torch.int64
+        assert torch.equal(pixels, expected.data.unsqueeze(1))
+        assert torch.equal(labels, expected.targets.long())
+
+
+def test_a_truncated_or_mismatched_idx_file_is_reported_as_corrupted(tmp_path) -> None:
+    _write_fashion_mnist(tmp_path)
+    images = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    whole = images.read_bytes()
+    images.write_bytes(whole[:-5])
+    with pytest.raises(DatasetNotFoundError, match=r"common\.fetch_data"):
+        read_pixels("fashion-mnist", str(tmp_path), train=True)
+    write_idx(images, np.zeros((39, 28, 28)))  # one image short of the 40 labels
+    with pytest.raises(DatasetNotFoundError, match=r"labels \(40,\)"):
+        read_pixels("fashion-mnist", str(tmp_path), train=True)
+    assert read_idx(images).shape == (39, 28, 28)
 
 
 def test_missing_files_say_how_to_fetch_them(tmp_path) -> None:

@@ -1,7 +1,8 @@
 """The one-command simulation end to end: ``python -m deploy.simulation`` -> ``flwr run`` -> Ray.
 
-Two real runs of ``conf/quick.toml`` with 3 clients (Mosaic and FedAvg, 1-2 min each on 2 cores,
-mostly Flower and Ray start-up), and the bad configs that must fail before anything starts.
+Two real runs of ``conf/quick.toml`` with 3 clients (Mosaic, and one round of FedAvg; under a
+minute each on 2 cores, mostly Flower and Ray start-up), and the bad configs that must fail
+before anything starts.
 Every process a run spawns inherits its ``FLWR_HOME``, which is how the tests find leftovers.
 """
 
@@ -98,13 +99,14 @@ def test_quick_mosaic_run_writes_every_result_and_stops_its_superlink(
 
 def test_quick_fedavg_run_completes(simulate: Simulate, tmp_path: Path, flwr_home: Path) -> None:
     result = simulate(
-        "--profile", "conf/quick.toml", "--clients", "3", "--strategy", "fedavg", "--name", "fedavg"
+        *("--profile", "conf/quick.toml", "--clients", "3", "--strategy", "fedavg"),
+        *("--name", "fedavg", "--set", "num-rounds=1"),
     )
 
     assert result.returncode == 0, _tail(result)
     _assert_nothing_left(flwr_home)
     metrics = json.loads((tmp_path / "results" / "fedavg" / "metrics.json").read_text())
-    assert set(metrics["rounds"]) == {str(r) for r in range(QUICK["num-rounds"] + 1)}
+    assert set(metrics["rounds"]) == {"0", "1"}
     assert not any(key in values for values in metrics["rounds"].values() for key in KD_KEYS)
     assert "final test accuracy" in result.stdout
 
@@ -119,13 +121,28 @@ def test_quick_fedavg_run_completes(simulate: Simulate, tmp_path: Path, flwr_hom
     ],
 )
 def test_bad_config_fails_fast_naming_the_key(
-    simulate: Simulate, flwr_home: Path, args: list[str], key: str
+    flwr_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], key: str
 ) -> None:
+    """The launcher's own ``main``, in this process: the same checks, without paying for a
+    Python start per case (the process-level exit is the next test's)."""
+    from deploy.simulation import main
+
+    places = [f"results-dir={json.dumps(str(tmp_path))}", f"data-root={json.dumps(str(tmp_path))}"]
+    argv = ["--flwr-home", str(flwr_home), "--profile", str(REPO / "conf" / "quick.toml")]
+    argv += ["--clients", "3", "--set", places[0], "--set", places[1], *args]
+
+    assert main(argv) == 2
+    assert key in capsys.readouterr().err
+    assert not (flwr_home / "local-superlink").exists()  # flwr never ran
+    _assert_nothing_left(flwr_home)
+
+
+def test_a_bad_config_exits_2_before_anything_starts(simulate: Simulate, flwr_home: Path) -> None:
     started = time.monotonic()
-    result = simulate("--profile", "conf/quick.toml", "--clients", "3", *args, timeout=120)
+    result = simulate("--profile", "conf/quick.toml", "--clients", "3", "--set", "alpha=0")
 
     assert result.returncode == 2, _tail(result)
-    assert key in result.stderr
+    assert "alpha" in result.stderr
     assert time.monotonic() - started < 90  # imports only (~5 s idle); a real run takes minutes
     assert not (flwr_home / "local-superlink").exists()  # flwr never ran
     _assert_nothing_left(flwr_home)
