@@ -1,11 +1,12 @@
-"""The simulation launcher's resources: Flower's federation config, built and checked up front."""
+"""The simulation launcher: its run config (profile, strategy, sets, name) and the resources of
+Flower's federation config, built and checked up front."""
 
 import pytest
 import torch
 
 from common.config import ConfigError
 from common.train import resolve_device
-from deploy.run_config import FEDERATION_KEYS, federation_config
+from deploy.run_config import FEDERATION_KEYS, build_run_config, federation_config
 from deploy.simulation import parse_args
 
 CPU = torch.device("cpu")
@@ -59,3 +60,13 @@ def test_a_cuda_index_this_process_cannot_see_names_cuda_visible_devices(monkeyp
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
         resolve_device("cuda:1")
+
+
+def test_the_run_config_is_the_profile_then_strategy_then_sets_then_name(tmp_path) -> None:
+    profile = tmp_path / "profile.toml"
+    profile.write_text('strategy = "feddf"\nalpha = 0.3\nnum-rounds = 4\nkd-round = 3\nrun-name = "p"\n')
+    overrides, cfg = build_run_config(profile, "fedavg", ["num-rounds=2"], "named")
+    assert (cfg.strategy, cfg.alpha, cfg.num_rounds, cfg.run_name) == ("fedavg", 0.3, 2, "named")
+    assert overrides["strategy"] == "fedavg" and overrides["num-rounds"] == 2
+    _, unnamed = build_run_config(profile, None, [], None)
+    assert (unnamed.strategy, unnamed.run_name) == ("feddf", "p")
