@@ -25,13 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the ServerApp has no display
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.ticker import MaxNLocator
-from torchvision.utils import save_image
 
 from common.architectures import global_model_of
 from common.config import RunConfig, parse_run_config
@@ -189,6 +183,7 @@ class RunReport:
         at a glance); None before any client reported its counts."""
         if not label_counts:
             return None
+        plt = _pyplot()
         path = self.folder / PARTITION_PICTURE
         clients = sorted(label_counts)
         num_classes = max(len(counts) for counts in label_counts.values())
@@ -215,6 +210,9 @@ class RunReport:
         """``accuracy.png``: the global model's accuracy per round on the server's test set, or
         (without one) the clients' federated evaluation; the teacher and the model before
         distillation beside it."""
+        plt = _pyplot()
+        from matplotlib.ticker import MaxNLocator
+
         path = self.folder / ACCURACY_PICTURE
         key = accuracy_key(self.rounds)
         rounds = sorted(r for r, v in self.rounds.items() if key in v)
@@ -259,6 +257,8 @@ class RunReport:
         per_client: int = 64,
     ) -> list[Path]:
         """One PNG grid of samples per client generator, as the classifier would see them."""
+        from torchvision.utils import save_image  # imported here for the reason of _pyplot
+
         folder = self.folder / "generator_samples"
         folder.mkdir(exist_ok=True)
         paths = []
@@ -270,6 +270,17 @@ class RunReport:
             save_image(classifier_input_to_pixels(images, info), path, nrow=8)
             paths.append(path)
         return paths
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend, imported when a picture is drawn: a
+    launcher or a test reading results back never pays the ~1 s it costs to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the ServerApp has no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _read_json(path: Path, default: Any) -> Any:
