@@ -220,8 +220,8 @@ def compute_prototypes(
     and a class with fewer than ``min_samples`` samples sends nothing.
 
     ``max_samples`` > 0 clusters a seeded random draw of at most that many samples per class:
-    a few centres need a few hundred points, and the feature pass over every local sample
-    would otherwise cost more than a round of local training.
+    a few centres need a few hundred points, and the feature pass over every local sample can
+    cost more than the round's training (conf/quick.toml: ~25,000 images against 5 steps).
     """
     keep = _prototype_rows(labels, max_samples, seed)
     if keep is not None:
