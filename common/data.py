@@ -3,8 +3,9 @@
 Images are read once per process, in torchvision's folder layout (``download=False``: fetching
 is :mod:`common.fetch_data`'s job; the MNIST family's IDX files by :func:`read_idx`, the rest by
 torchvision's readers), and handed out as one normalised float32 tensor; a simulation then
-slices its clients out of that tensor instead of re-reading the files for every client. Partitions come from flwr_datasets' partitioners, run on a table of labels
-and row indices only, so they are seeded, reproducible and cheap.
+slices its clients out of that tensor instead of re-reading the files for every client.
+Partitions come from flwr_datasets' partitioners, run on a table of labels and row indices only,
+so they are seeded, reproducible and cheap, and are kept per data root (``.partitions/``).
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ def test_a_cuda_index_this_process_cannot_see_names_cuda_visible_devices(monkeyp
 
 def test_the_run_config_is_the_profile_then_strategy_then_sets_then_name(tmp_path) -> None:
     profile = tmp_path / "profile.toml"
-    profile.write_text('strategy = "feddf"\nalpha = 0.3\nnum-rounds = 4\nkd-round = 3\nrun-name = "p"\n')
+    profile.write_text(
+        'strategy = "feddf"\nalpha = 0.3\nnum-rounds = 4\nkd-round = 3\nrun-name = "p"\n'
+    )
     overrides, cfg = build_run_config(profile, "fedavg", ["num-rounds=2"], "named")
     assert (cfg.strategy, cfg.alpha, cfg.num_rounds, cfg.run_name) == ("fedavg", 0.3, 2, "named")
     assert overrides["strategy"] == "fedavg" and overrides["num-rounds"] == 2
