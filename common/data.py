@@ -329,9 +329,12 @@ def _write_partition_cache(path: Path, parts: list[np.ndarray]) -> None:
         path.parent.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
             np.savez(tmp, **{f"p{pid}": part for pid, part in enumerate(parts)})
-        os.replace(tmp.name, path)
     except OSError:
         return
+    try:
+        os.replace(tmp.name, path)
+    except OSError:
+        Path(tmp.name).unlink(missing_ok=True)  # leave no half-named file behind
 
 
 @functools.lru_cache(maxsize=8)

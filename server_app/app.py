@@ -167,14 +167,15 @@ def run(grid: Grid, context: Context, cfg: RunConfig, report: RunReport) -> None
     evaluate_model = _no_test_set
     if cfg.server_test_set:
         test_images, test_labels = load_dataset(cfg.dataset, data_root(cfg), train=False)
-        if 0 < cfg.test_samples < len(test_labels):
+        whole = len(test_labels)
+        test_images, test_labels = evaluation_subset(test_images, test_labels, cfg.test_samples)
+        if len(test_labels) < whole:
             log(
                 INFO,
                 "Evaluating on %d of the %d test samples (test-samples)",
-                cfg.test_samples,
                 len(test_labels),
+                whole,
             )
-            test_images, test_labels = evaluation_subset(test_images, test_labels, cfg.test_samples)
 
         def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
             result = evaluate(model, test_images, test_labels, device)
