@@ -82,6 +82,7 @@ META_KEYS: frozenset[str] = frozenset(
         "meta-val-fraction",
         "meta-patience",
         "meta-ema",
+        "meta-feedforward",
         "meta-features",
         "meta-input",
         "meta-samples",
@@ -330,6 +331,7 @@ class RunConfig(BaseModel):
     meta_val_fraction: float = Field(ge=0, lt=1)
     meta_patience: int = Field(ge=1, le=100_000)
     meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
+    meta_feedforward: int = Field(ge=1, le=65_536)  # the transformer's feed-forward width
     meta_prior: MetaPrior  # start from this ensemble and learn a correction
     meta_features: MetaFeatures  # what the experts' heads read on an image
     meta_input: MetaInput  # what the meta model is trained on

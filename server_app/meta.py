@@ -34,8 +34,9 @@ class MetaModel(nn.Module):
     class c" could not be learned. Then a 1-encoder/1-decoder ``nn.Transformer`` (the tokens
     are both source and target), a sum over tokens, and a Linear ``d_model -> C``. ``d_model``
     must be a multiple of ``C`` (``nhead = C``); pass e.g. ``10 * C`` for 100 classes, where
-    ``C^2`` would make the model enormous. ``dim_feedforward`` keeps the ``nn.Transformer``
-    default of the released code; it dominates the cost on CPU, so tests shrink it.
+    ``C^2`` would make the model enormous. ``dim_feedforward`` (``meta-feedforward``) defaults
+    to the ``nn.Transformer`` default the released code keeps, 2048; at that width its two
+    feed-forward layers are most of the meta model's training time on a CPU.
     """
 
     def __init__(
@@ -256,6 +257,27 @@ def train_meta_model(
     train_accuracy, _ = _evaluate(meta, train_x, train_p, train_y)
     val_accuracy, _ = _evaluate(meta, val_x, val_p, val_y)
     return MetaTrainResult(meta, train_accuracy, val_accuracy, epoch, history)
+
+
+class HeadsOnFeatures(nn.Module):
+    """``model.heads(body.features(x))``: an expert ensemble or mixture read on one body.
+
+    With ``meta-features = global`` the teacher reads its prior this way, so this is the prior
+    a trained meta model has to beat, at one body per image instead of every client model in
+    full. Frozen and always in eval mode, like the teacher.
+    """
+
+    def __init__(self, model: ExpertEnsemble | ProbabilityMixture, body: Classifier) -> None:
+        super().__init__()
+        self.model = model
+        self.body = body.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> HeadsOnFeatures:
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.heads(self.body.features(x))
 
 
 class MosaicTeacher(nn.Module):

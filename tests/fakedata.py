@@ -116,6 +116,7 @@ OTHER_VALUES: dict[str, Any] = {
     "meta-val-fraction": 0.1,
     "meta-patience": 3,
     "meta-ema": 0.9,
+    "meta-feedforward": 64,
     "meta-prior": "experts",
     "meta-features": "global",
     "meta-input": "generated",

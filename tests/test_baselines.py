@@ -168,16 +168,27 @@ def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
 
 def test_mosaic_global_features_teacher_reads_the_model_sent_this_round() -> None:
     """``meta-features = global``: the trained meta model's teacher runs the experts' heads on
-    the body of the global model sent in the kd-round (the prototypes' feature space)."""
+    the body of the global model sent in the kd-round (the prototypes' feature space), and the
+    prior it has to beat is scored read the same way."""
     torch.manual_seed(0)
-    overrides = {"model-width": 0.25, "meta-epochs": 1, "meta-features": "global"}
+    overrides = {
+        "model-width": 0.25,
+        "meta-epochs": 1,
+        "meta-features": "global",
+        "meta-feedforward": 32,
+    }
     cfg = parse_run_config({**pyproject_defaults(), "strategy": "mosaic", **overrides})
     info = dataset_info(cfg.dataset)
     template = build_classifier(
         cfg.model, num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
     )
+    scored: list[nn.Module] = []
     mosaic = STRATEGIES["mosaic"](
-        cfg, template, info, device=torch.device("cpu"), evaluate_model=lambda m: {}
+        cfg,
+        template,
+        info,
+        device=torch.device("cpu"),
+        evaluate_model=lambda m: scored.append(m) or {"accuracy": 0.5},
     )
     states = [template.state_dict(), {k: v + 0.01 for k, v in template.state_dict().items()}]
     counts = np.array([[30, 0] + [3] * 8, [0, 30] + [3] * 8])
@@ -195,3 +206,11 @@ def test_mosaic_global_features_teacher_reads_the_model_sent_this_round() -> Non
     assert "meta-val-accuracy" in figures and teacher.body is not None
     for key, tensor in sent.state_dict().items():
         assert torch.equal(teacher.body.state_dict()[key], tensor), key
+    assert teacher.meta.transformer.encoder.layers[0].linear1.out_features == 32
+    assert figures["prior-accuracy"] == 0.5
+    (prior_read,) = scored
+    x = torch.randn(4, *info.image_shape)
+    with torch.no_grad():
+        expected = teacher.prior.heads(sent.eval().features(x))
+        torch.testing.assert_close(prior_read(x), expected)
+        assert not torch.allclose(prior_read(x), teacher.prior(x))

@@ -29,7 +29,7 @@ from common.data import generator_to_classifier_input
 from common.models import Classifier
 from common.wire import Uploads, record_to_state
 from server_app.distill import draw_samples
-from server_app.meta import MetaModel, MosaicTeacher, train_meta_model
+from server_app.meta import HeadsOnFeatures, MetaModel, MosaicTeacher, train_meta_model
 from server_app.moe import (
     ExpertEnsemble,
     ProbabilityMixture,
@@ -136,19 +136,26 @@ class MosaicStrategy(TeacherStrategy):
             prior = prior.to(self.device)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            meta = MetaModel(
-                ensemble.num_experts, self.info.num_classes, prior=cfg.meta_prior != "none"
-            ).to(self.device)
+            meta = self._new_meta_model(ensemble.num_experts).to(self.device)
         meta, figures = self.fit_meta_model(meta, ensemble, prior, clients)
         self.meta_model = meta.eval()
-        if prior is not None and figures:  # the bar a trained meta model has to clear
-            figures.update({f"prior-{k}": v for k, v in self.evaluate_model(prior).items()})
         if prior is not None and not figures:  # figures hold the meta model's, once trained
             # An untrained meta model is its prior: skip running the experts on every KD step.
             return prior.eval(), figures
         global_features = cfg.meta_features == "global" and cfg.meta_input == "prototypes"
-        body = self._sent_model() if figures and global_features else None
+        body = self._sent_model().to(self.device) if figures and global_features else None
+        if prior is not None:  # the bar the trained meta model has to clear, read as it reads
+            bar = prior if body is None else HeadsOnFeatures(prior, body)
+            figures.update({f"prior-{k}": v for k, v in self.evaluate_model(bar).items()})
         return MosaicTeacher(ensemble, meta, prior, body).to(self.device).eval(), figures
+
+    def _new_meta_model(self, num_experts: int) -> MetaModel:
+        return MetaModel(
+            num_experts,
+            self.info.num_classes,
+            prior=self.cfg.meta_prior != "none",
+            dim_feedforward=self.cfg.meta_feedforward,
+        )
 
     def fit_meta_model(
         self,
@@ -270,11 +277,7 @@ class MosaicStrategy(TeacherStrategy):
         self.bank.load_state_dict(state["prototype-bank"])
         if "meta-model" in state:
             with torch.random.fork_rng():  # building it must not move the restored RNG
-                meta = MetaModel(
-                    state["meta-model"]["num-experts"],
-                    self.info.num_classes,
-                    prior=self.cfg.meta_prior != "none",
-                )
+                meta = self._new_meta_model(state["meta-model"]["num-experts"])
             meta.load_state_dict(state["meta-model"]["weights"])
             self.meta_model = meta.to(self.device)
 
