@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import GeneratorTraining
-from common.models import Classifier, Generator, GeneratorSpec, build_discriminator, build_generator
+from common.models import (
+    Classifier,
+    Generator,
+    GeneratorSpec,
+    build_discriminator,
+    build_generator,
+    fused_for_inference,
+)
 
 _EPS = 1e-8  # floor for probabilities inside a log: x log x -> 0 as x -> 0, never NaN
 
@@ -284,6 +291,9 @@ def train_generator(
     inversion = BatchNormInversionLoss(classifier) if settings.lambda_inv else None
     try:
         with frozen(classifier), inversion or nullcontext():
+            # The same function without BatchNorm passes (docs/speed.md); the inversion term
+            # reads the BatchNorm layers themselves, so it keeps the model as it is.
+            scorer = classifier if inversion else fused_for_inference(classifier)
             for step in range(steps):
                 real = images[next(batches)].to(device, non_blocking=True)
                 z = torch.randn(batch_size, spec.latent_dim, generator=rng).to(device)
@@ -303,7 +313,7 @@ def train_generator(
                 discriminator.requires_grad_(False)
                 g_loss, terms = generator_loss(
                     fake,
-                    classifier=classifier,
+                    classifier=scorer,
                     discriminator=discriminator,
                     weights=weights,
                     class_prior=class_prior,

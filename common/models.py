@@ -8,6 +8,8 @@ on prototypes); ``forward(x) == head(features(x))``.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -316,3 +318,33 @@ def build_generator(spec: GeneratorSpec) -> Generator:
 def build_discriminator(image_shape: ImageShape, base_channels: int = 32) -> Discriminator:
     """Build the discriminator that trains alongside a client's generator (never uploaded)."""
     return Discriminator(image_shape, base_channels)
+
+
+def fused_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every Conv2d directly followed by a BatchNorm2d inside an
+    ``nn.Sequential`` is one convolution (torch's ``fuse_conv_bn_eval``), the BatchNorm an
+    identity.
+
+    In eval mode a BatchNorm is a per-channel affine map, so the copy computes the same
+    function up to float rounding, without the normalisation's forward and backward passes: a
+    frozen CNN's input gradient (what a generator step asks of the client's classifier) took 15
+    instead of 24 ms per batch of 64. Only ``nn.Sequential`` is rewritten, where the order of
+    the children is the order of the computation; other pairs (a ResNet block's) stay as they
+    are. The copy is in eval mode and must stay there: its statistics are baked in.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for first, second in itertools.pairwise(list(module._modules)):
+            conv, norm = module._modules[first], module._modules[second]
+            if (
+                isinstance(conv, nn.Conv2d)
+                and type(norm) is nn.BatchNorm2d
+                and norm.running_mean is not None
+            ):
+                module._modules[first] = fuse_conv_bn_eval(conv, norm)
+                module._modules[second] = nn.Identity()
+    return fused

@@ -24,6 +24,7 @@ from common.models import (
     build_classifier,
     build_discriminator,
     build_generator,
+    fused_for_inference,
 )
 
 SHAPE = (1, 8, 8)
@@ -239,3 +240,34 @@ def _with_settings(view, options: dict) -> tuple:
     names = {f.name for f in dataclasses.fields(view)}
     settings = view(**{k: v for k, v in options.items() if k in names})
     return settings, {k: v for k, v in options.items() if k not in names}
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8", "mlp"])
+def test_the_fused_classifier_is_the_same_function_and_gradient(name: str) -> None:
+    """The generator's classifier pass runs a copy with each conv-BN pair folded into one
+    convolution: logits and the input gradient (all a generator step takes from it) are the
+    eval-mode model's, and the model itself is left as it was."""
+    torch.manual_seed(0)
+    model = build_classifier(name, num_classes=4, in_shape=SHAPE).eval()
+    for module in model.modules():  # statistics and affine far from identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.2, 3.0)
+            nn.init.normal_(module.weight)
+            nn.init.normal_(module.bias)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fused_for_inference(model)
+
+    x = torch.randn(16, *SHAPE, requires_grad=True)
+    model(x).softmax(1)[:, 0].sum().backward()
+    expected_grad, x.grad = x.grad, None
+    fused(x).softmax(1)[:, 0].sum().backward()
+
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+    assert torch.allclose(x.grad, expected_grad, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not fused.training
+    if name == "cnn":  # its convs and BatchNorms sit in one Sequential: all fused
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
