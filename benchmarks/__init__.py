@@ -268,6 +268,9 @@ ADDED_KEYS: dict[str, Any] = {
     "exclusive-width": 1.0,
     "kd-sub-models": False,
     "partition-seed": -1,  # -1: the split follows seed, as it always did
+    "test-samples": 0,  # every test image
+    "proto-max-samples": 0,  # prototypes from every local image
+    "meta-feedforward": 2048,  # nn.Transformer's default, the released code's
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.

@@ -178,6 +178,19 @@ def test_a_record_older_than_a_key_is_current_at_the_keys_old_behaviour() -> Non
     assert _changed_keys(old, {**now, "new-key": 1}) == ["new-key"]
 
 
+def test_every_key_a_committed_record_lacks_has_its_old_value_in_added_keys() -> None:
+    """A key added to the run config without an entry in ADDED_KEYS makes every record made
+    before it stale, and the next suite run would redo days of cells for nothing."""
+    from benchmarks import ADDED_KEYS, PLACE_KEYS
+
+    keys = set(pyproject_defaults())
+    records = sorted((REPO / "benchmarks" / "results").glob("*/cells/*.json"))
+    assert records, "the committed benchmark records are missing"
+    for path in records:
+        lacking = keys - set(json.loads(path.read_text())["config"])
+        assert lacking <= set(ADDED_KEYS) | PLACE_KEYS, (path.name, lacking - set(ADDED_KEYS))
+
+
 def test_a_record_made_in_another_clone_is_current() -> None:
     from benchmarks import _changed_keys
 
