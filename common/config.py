@@ -118,6 +118,7 @@ SERVER_ONLY_KEYS: frozenset[str] = (
             "proto-bank-rounds",
             "generator-round",
             "meta-prior",
+            "meta-prior-clients",
             "proximal-mu",
             "max-update-ratio",
             "max-weight-ratio",
@@ -333,6 +334,7 @@ class RunConfig(BaseModel):
     meta_ema: float = Field(ge=0, lt=1)  # 0 = off; the released code uses 0.99
     meta_feedforward: int = Field(ge=1, le=65_536)  # the transformer's feed-forward width
     meta_prior: MetaPrior  # start from this ensemble and learn a correction
+    meta_prior_clients: int = Field(ge=0, le=100_000)  # > 0: the label-share prior's models
     meta_features: MetaFeatures  # what the experts' heads read on an image
     meta_input: MetaInput  # what the meta model is trained on
     meta_samples: int = Field(ge=1, le=1_000_000)  # generated: images drawn per generator

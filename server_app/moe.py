@@ -182,6 +182,30 @@ def label_share_weights(counts: np.ndarray) -> Tensor:
     return torch.where(totals > 0, counts / totals.clamp_min(1), 0.0)
 
 
+def strongest_holders(counts: np.ndarray, limit: int) -> list[int]:
+    """The clients a label-share mixture keeps when it may run at most ``limit`` client models
+    (``meta-prior-clients``; 0, or no more clients than ``limit``: every client), in order.
+
+    Read in full, the mixture runs every client model on every sample it labels, so its cost
+    grows with the clients. Kept first: each class's largest holder (classes from the largest),
+    so every class keeps its main witness; then the clients with the largest summed share
+    ``sum_c n_kc / n_c``. The mixture renormalises each class over the kept clients.
+    """
+    counts = np.asarray(counts)
+    if limit <= 0 or len(counts) <= limit:
+        return list(range(len(counts)))
+    shares = label_share_weights(counts).numpy()
+    chosen: list[int] = []
+    for cls in np.argsort(-counts.sum(axis=0), kind="stable"):
+        holder = int(np.argmax(shares[:, cls]))
+        if counts[:, cls].sum() > 0 and holder not in chosen and len(chosen) < limit:
+            chosen.append(holder)
+    for client in np.argsort(-shares.sum(axis=1), kind="stable"):
+        if len(chosen) < limit and int(client) not in chosen:
+            chosen.append(int(client))
+    return sorted(chosen)
+
+
 class PrototypeBank:
     """Class prototypes from the last ``max_rounds`` distinct rounds (several clients a round).
 

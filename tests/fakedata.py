@@ -118,6 +118,7 @@ OTHER_VALUES: dict[str, Any] = {
     "meta-ema": 0.9,
     "meta-feedforward": 64,
     "meta-prior": "experts",
+    "meta-prior-clients": 2,
     "meta-features": "global",
     "meta-input": "generated",
     "meta-samples": 64,

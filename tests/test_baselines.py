@@ -166,6 +166,35 @@ def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
     assert not torch.allclose(experts_mean.log_softmax(1), label_share.log_softmax(1))
 
 
+def test_meta_prior_clients_bounds_the_label_share_prior_to_the_strongest_holders() -> None:
+    """``meta-prior-clients``: the prior runs only the kept clients' models, each class
+    renormalised over them; with at least as many as there are clients it is the full prior."""
+    torch.manual_seed(0)
+    info = dataset_info("fashion-mnist")
+    states = [
+        build_classifier(
+            "cnn", num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
+        ).state_dict()
+        for _ in range(3)
+    ]
+    counts = np.array([[50, 0, 3] + [1] * 7, [0, 40, 3] + [2] * 7, [1, 1, 1] + [0] * 7])
+    x = torch.randn(6, *info.image_shape)
+    overrides = {"model-width": 0.25}
+
+    def no_meta(limit: int) -> nn.Module:
+        return _teacher_of(
+            "mosaic-no-meta", states, counts, **{**overrides, "meta-prior-clients": limit}
+        )
+
+    full, same, bounded = no_meta(0)(x), no_meta(3), no_meta(2)
+    two = _teacher_of("label-share", states[:2], counts[:2], **overrides)(x)
+
+    torch.testing.assert_close(same(x), full)
+    assert len(bounded.clients.members) == 2  # client 2 is nobody's largest holder
+    torch.testing.assert_close(bounded(x).log_softmax(1), two.log_softmax(1))
+    assert not torch.allclose(bounded(x).log_softmax(1), full.log_softmax(1))
+
+
 def test_mosaic_global_features_teacher_reads_the_model_sent_this_round() -> None:
     """``meta-features = global``: the trained meta model's teacher runs the experts' heads on
     the body of the global model sent in the kd-round (the prototypes' feature space), and the

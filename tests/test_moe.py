@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.models import build_classifier
-from server_app.moe import ExpertEnsemble, PrototypeBank, build_experts
+from server_app.moe import ExpertEnsemble, PrototypeBank, build_experts, strongest_holders
 
 
 def _state(value: float, tracked: int) -> dict[str, torch.Tensor]:
@@ -137,3 +137,20 @@ def test_prototype_bank_rejects_inconsistent_dims() -> None:
         bank.add(2, torch.zeros(2, 4), torch.tensor([0]))
     with pytest.raises(ValueError):
         bank.add(2, torch.zeros(4), torch.tensor([0]))
+
+
+def test_strongest_holders_keep_every_class_witness_then_the_largest_shares() -> None:
+    counts = np.array(
+        [
+            [90, 0, 0, 0],  # class 0's largest holder
+            [10, 0, 0, 0],  # little of anything
+            [0, 50, 40, 0],  # class 1's largest holder
+            [0, 50, 60, 0],  # class 2's largest holder (and half of class 1)
+            [0, 0, 0, 0],  # nothing
+        ]
+    )
+    assert strongest_holders(counts, 0) == [0, 1, 2, 3, 4]  # 0: every client
+    assert strongest_holders(counts, 5) == [0, 1, 2, 3, 4]
+    assert strongest_holders(counts, 3) == [0, 2, 3]  # a class nobody holds needs no witness
+    assert strongest_holders(counts, 2) == [0, 2]  # the witnesses of classes 0 and 1, then full
+    assert strongest_holders(counts, 4) == [0, 1, 2, 3]  # then the largest summed share

@@ -36,6 +36,7 @@ from server_app.moe import (
     PrototypeBank,
     build_experts,
     label_share_weights,
+    strongest_holders,
 )
 from server_app.strategies.base import Accepted
 from server_app.strategies.teacher import ClientModels, Figures, TeacherStrategy
@@ -45,7 +46,9 @@ class MosaicStrategy(TeacherStrategy):
     """FedAvg rounds, then MoE + meta-model distillation at ``kd-round``, then fine-tuning."""
 
     uploads = Uploads(generator=True, prototypes=True)
-    reads = TeacherStrategy.reads | META_KEYS | PROTOTYPE_KEYS | {"meta-prior"}
+    reads = (
+        TeacherStrategy.reads | META_KEYS | PROTOTYPE_KEYS | {"meta-prior", "meta-prior-clients"}
+    )
     teacher_phase = "meta-model"
 
     def __init__(self, cfg: RunConfig, *args, **kwargs) -> None:
@@ -131,9 +134,10 @@ class MosaicStrategy(TeacherStrategy):
         ensemble = ensemble.to(self.device)
         prior = None
         if cfg.meta_prior == "label-share":
-            weights = label_share_weights(clients.counts)
-            prior = ProbabilityMixture(self.client_models(clients.states), weights)
-            prior = prior.to(self.device)
+            kept = strongest_holders(clients.counts, cfg.meta_prior_clients)
+            weights = label_share_weights(clients.counts[kept])
+            models = self.client_models([clients.states[k] for k in kept])
+            prior = ProbabilityMixture(models, weights).to(self.device)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             meta = self._new_meta_model(ensemble.num_experts).to(self.device)
@@ -290,7 +294,7 @@ class MosaicNoMetaStrategy(MosaicStrategy):
     """
 
     uploads = Uploads(generator=True)
-    reads = TeacherStrategy.reads | {"meta-prior"}
+    reads = TeacherStrategy.reads | {"meta-prior", "meta-prior-clients"}
     teacher_phase = "teacher"
 
     @classmethod
