@@ -343,12 +343,14 @@ def kd_parts(
     batch_per_generator: int,
     meta_features: str = "experts",
     device: str = "cpu",
+    prior_clients: int = 0,
 ) -> dict[str, float]:
     """Seconds per labelled batch and per student step with ``clients`` client models and
     generators, every generator sampled every step (the batch grows with the clients) and ten
     a step. The teacher is Mosaic's with the label-share prior, its experts and prior read in
     full (``meta_features="experts"``) or through their heads on one body's features
-    (``"global"``)."""
+    (``"global"``); the prior keeps at most ``prior_clients`` client models
+    (``meta-prior-clients``, 0: all)."""
     from common.config import Distillation
     from common.models import Generator, GeneratorSpec
     from server_app.distill import distill
@@ -358,14 +360,16 @@ def kd_parts(
         ProbabilityMixture,
         build_experts,
         label_share_weights,
+        strongest_holders,
     )
 
     models = client_models(clients)
     states = [m.state_dict() for m in models]
     counts = torch.randint(0, 500, (clients, 10)).numpy()
     experts = ExpertEnsemble(models[0], build_experts(states, counts))
+    kept = strongest_holders(counts, prior_clients)
     prior = ProbabilityMixture(
-        ExpertEnsemble(models[0], dict(enumerate(states))), label_share_weights(counts)
+        ExpertEnsemble(models[0], {k: states[k] for k in kept}), label_share_weights(counts[kept])
     )
     meta = MetaModel(experts.num_experts, 10)
     body = copy.deepcopy(models[0]) if meta_features == "global" else None
@@ -395,10 +399,11 @@ def part_kd(args: argparse.Namespace) -> None:
 
 def kd_table(args: argparse.Namespace, meta_features: str) -> None:
     reading = {"experts": "in full", "global": "as heads on one body's features"}[meta_features]
+    bound = f"at most {args.kd_prior_clients}" if args.kd_prior_clients else "all"
     print(
         f"\n## Distillation phase at {args.kd_steps} steps, {args.batch_per_generator} samples per"
-        f" generator; Mosaic's teacher, experts and label-share prior read {reading}"
-        f" (meta-features {meta_features}); {_where(args.device)}"
+        f" generator; Mosaic's teacher, experts and label-share prior ({bound} client models)"
+        f" read {reading} (meta-features {meta_features}); {_where(args.device)}"
     )
     print("  (measured per batch over a few steps; the phase = steps x student + batches labelled")
     print("   x labelling)")
@@ -409,7 +414,12 @@ def kd_table(args: argparse.Namespace, meta_features: str) -> None:
     phases: dict[int, float] = {}
     for clients in args.kd_clients:
         parts = kd_parts(
-            clients, args.probe_steps, args.batch_per_generator, meta_features, args.device
+            clients,
+            args.probe_steps,
+            args.batch_per_generator,
+            meta_features,
+            args.device,
+            args.kd_prior_clients,
         )
         plain = args.kd_steps * (parts["all: labelling"] + parts["all: student"])
         capped = args.kd_steps * (parts["ten: labelling"] + parts["ten: student"])
@@ -465,6 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         choices=["experts", "global"],
         default=["experts", "global"],
+    )
+    parser.add_argument(
+        "--kd-prior-clients",
+        type=int,
+        default=0,
+        help="kd part: the label-share prior's client models (meta-prior-clients; 0: all)",
     )
     parser.add_argument("--scale-clients", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--tiers", default="1:4,0.5:3,0.25:3", help="tiers part: the widths")
