@@ -271,7 +271,7 @@ ADDED_KEYS: dict[str, Any] = {
     "test-samples": 0,  # every test image
     "proto-max-samples": 0,  # prototypes from every local image
     "meta-feedforward": 2048,  # nn.Transformer's default, the released code's
-    "meta-prior-clients": 0,  # the label-share prior runs every client model
+    "meta-prior-clients": 30,  # every recorded cell has at most 10 clients: all of them
 }
 # Run-config keys removed since records were made, each with the value under which the app
 # behaved as it does now: a record that holds the key with that value is still current.
