@@ -142,8 +142,8 @@ def _teacher_of(strategy: str, states, counts, **overrides) -> nn.Module:
     return teacher
 
 
-def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
-    """The meta model starts from the label-share prior: untrained, it *is* that teacher."""
+def _three_quarter_width_cnns() -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Three seeded quarter-width CNN states and a batch of six images to label."""
     torch.manual_seed(0)
     info = dataset_info("fashion-mnist")
     states = [
@@ -152,8 +152,13 @@ def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
         ).state_dict()
         for _ in range(3)
     ]
+    return states, torch.randn(6, *info.image_shape)
+
+
+def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
+    """The meta model starts from the label-share prior: untrained, it *is* that teacher."""
+    states, x = _three_quarter_width_cnns()
     counts = np.array([[50, 0, 3] + [1] * 7, [0, 40, 3] + [2] * 7, [5, 5, 30] + [0] * 7])
-    x = torch.randn(6, *info.image_shape)
     overrides = {"model-width": 0.25}
 
     no_meta = _teacher_of("mosaic-no-meta", states, counts, **overrides)(x)
@@ -169,16 +174,8 @@ def test_mosaic_without_meta_training_is_the_label_share_teacher() -> None:
 def test_meta_prior_clients_bounds_the_label_share_prior_to_the_strongest_holders() -> None:
     """``meta-prior-clients``: the prior runs only the kept clients' models, each class
     renormalised over them; with at least as many as there are clients it is the full prior."""
-    torch.manual_seed(0)
-    info = dataset_info("fashion-mnist")
-    states = [
-        build_classifier(
-            "cnn", num_classes=info.num_classes, in_shape=info.image_shape, width=0.25
-        ).state_dict()
-        for _ in range(3)
-    ]
+    states, x = _three_quarter_width_cnns()
     counts = np.array([[50, 0, 3] + [1] * 7, [0, 40, 3] + [2] * 7, [1, 1, 1] + [0] * 7])
-    x = torch.randn(6, *info.image_shape)
     overrides = {"model-width": 0.25}
 
     def no_meta(limit: int) -> nn.Module:
