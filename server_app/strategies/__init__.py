@@ -72,7 +72,8 @@ STRATEGY_KEYS: frozenset[str] = (
     | CLIENT_GENERATOR_KEYS
     | SERVER_GENERATOR_KEYS
     | DENSE_KEYS
-    | {"meta-prior", "kd-every", "proximal-mu", "exclusive-width", "min-claim-agreement"}
+    | {"meta-prior", "meta-prior-clients", "kd-every", "proximal-mu", "exclusive-width"}
+    | {"min-claim-agreement"}
 )
 
 

@@ -33,7 +33,7 @@ from common.models import Classifier
 from common.wire import Uploads
 from server_app.dense import train_dense
 from server_app.distill import DistillResult
-from server_app.moe import ProbabilityMixture, label_share_weights
+from server_app.moe import ProbabilityMixture
 from server_app.strategies.teacher import (
     ClientModels,
     Figures,
@@ -60,9 +60,7 @@ class LabelShareStrategy(TeacherOnlyStrategy):
     """Client probabilities weighted by their share of each class's samples; not distilled."""
 
     def build_teacher(self, clients: ClientModels) -> tuple[nn.Module, Figures]:
-        weights = label_share_weights(clients.counts)
-        teacher = ProbabilityMixture(self.client_models(clients.states), weights)
-        return teacher.to(self.device).eval(), {}
+        return self.label_share_mixture(clients).eval(), {}
 
 
 class FedDFStrategy(TeacherStrategy):

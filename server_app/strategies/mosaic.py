@@ -35,8 +35,6 @@ from server_app.moe import (
     ProbabilityMixture,
     PrototypeBank,
     build_experts,
-    label_share_weights,
-    strongest_holders,
 )
 from server_app.strategies.base import Accepted
 from server_app.strategies.teacher import ClientModels, Figures, TeacherStrategy
@@ -134,10 +132,7 @@ class MosaicStrategy(TeacherStrategy):
         ensemble = ensemble.to(self.device)
         prior = None
         if cfg.meta_prior == "label-share":
-            kept = strongest_holders(clients.counts, cfg.meta_prior_clients)
-            weights = label_share_weights(clients.counts[kept])
-            models = self.client_models([clients.states[k] for k in kept])
-            prior = ProbabilityMixture(models, weights).to(self.device)
+            prior = self.label_share_mixture(clients, cfg.meta_prior_clients)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             meta = self._new_meta_model(ensemble.num_experts).to(self.device)

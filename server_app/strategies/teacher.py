@@ -34,7 +34,12 @@ from common.submodels import SlicedView
 from common.wire import Uploads, record_to_state, state_to_record
 from server_app.defences import claim_scores, computes_finite, scale_counts, unsupported_claims
 from server_app.distill import DistillResult, distill, draw_samples
-from server_app.moe import ExpertEnsemble
+from server_app.moe import (
+    ExpertEnsemble,
+    ProbabilityMixture,
+    label_share_weights,
+    strongest_holders,
+)
 from server_app.strategies.base import Accepted, CheckedFedAvg
 
 Figures = dict[str, float]
@@ -285,6 +290,15 @@ class TeacherStrategy(CheckedFedAvg):
     def client_models(self, states: list[dict[str, torch.Tensor]]) -> ExpertEnsemble:
         """The client models themselves, side by side (for the label-share and plain mixtures)."""
         return ExpertEnsemble(self.template, dict(enumerate(states))).to(self.device)
+
+    def label_share_mixture(
+        self, clients: ClientModels, max_clients: int = 0
+    ) -> ProbabilityMixture:
+        """Client probabilities weighted by each client's share of each class, over at most
+        ``max_clients`` client models (:func:`strongest_holders`; 0: all of them)."""
+        kept = strongest_holders(clients.counts, max_clients)
+        models = self.client_models([clients.states[k] for k in kept])
+        return ProbabilityMixture(models, label_share_weights(clients.counts[kept])).to(self.device)
 
     def generator_of(self, partition_id: int) -> Generator:
         """A client's uploaded generator, rebuilt at its width's size (on the CPU)."""
