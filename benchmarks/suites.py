@@ -223,11 +223,13 @@ SUITES: dict[str, Suite] = {
         sizes={"kd-pool-batches": 30, "kd-sub-models": True},
     ),
     # Mixed architectures (CNN, ResNet-8, MLP), both protocols, 3 seeds; distillation as in
-    # the tiers suite (a pool of 30 labelled batches).
+    # the tiers suite (a pool of 30 labelled batches). The meta model learns from generated
+    # images and so reads the experts in full in both protocols (the multi-round protocol's
+    # "global" reads heads on one model's features, which families do not share).
     "archs": Suite(
         "archs",
         architecture_cells("one-shot", [0, 1, 2]) + architecture_cells("multi-round", [0, 1, 2]),
-        sizes={"kd-pool-batches": 30, "meta-input": "generated"},
+        sizes={"kd-pool-batches": 30, "meta-input": "generated", "meta-features": "experts"},
     ),
 }
 

@@ -305,6 +305,18 @@ def test_a_glob_selects_part_of_a_suite_with_its_sizes() -> None:
     assert select_cells(full, "no-such-cell").cells == []
 
 
+@pytest.mark.parametrize("name", ["quick", "full", "tiers", "archs"])
+def test_every_cell_of_a_suite_is_a_valid_run_config(name, tmp_path) -> None:
+    """A cell the config rejects cannot run at all; it would only show as "not run"."""
+    from benchmarks import SUITES, suite_base
+    from benchmarks.suites import cell_run_config
+    from server_app.strategies import validate_run_config
+
+    suite = SUITES[name]
+    for cell in suite.cells:
+        validate_run_config(cell_run_config(cell, suite_base(tmp_path), suite.sizes, tmp_path))
+
+
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="per-cell peak needs Linux /proc"
 )
