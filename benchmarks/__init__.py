@@ -223,12 +223,14 @@ def run_cell(
 
 def distillations(rounds: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
     """Teacher, pre-KD and post-KD accuracy of every round that distilled (``kd-every`` runs
-    distill after several rounds; the record's top-level figures are the kd-round's only)."""
+    distill after several rounds; the record's top-level figures are the kd-round's only), and
+    the prior's where a trained meta model's teacher was scored against it."""
     return {
         r: {
             "teacher": values.get("teacher-accuracy"),
             "pre_kd": values.get("pre-kd-accuracy"),
             "post_kd": values.get("post-kd-accuracy"),
+            **({"prior": values["prior-accuracy"]} if "prior-accuracy" in values else {}),
         }
         for r, values in sorted(rounds.items())
         if "teacher-accuracy" in values

@@ -109,6 +109,20 @@ def test_a_record_holds_every_distillation_of_a_kd_every_run(base, tmp_path) -> 
     assert record["accuracy_per_round"][3] == record["distillations"][3]["post_kd"]
 
 
+def test_a_distillation_keeps_the_prior_it_was_scored_against() -> None:
+    from benchmarks import distillations
+
+    rounds = {
+        1: {"accuracy": 0.5},
+        2: {"teacher-accuracy": 0.8, "prior-accuracy": 0.85, "post-kd-accuracy": 0.7},
+        3: {"teacher-accuracy": 0.9},
+    }
+    assert distillations(rounds) == {
+        2: {"teacher": 0.8, "pre_kd": None, "post_kd": 0.7, "prior": 0.85},
+        3: {"teacher": 0.9, "pre_kd": None, "post_kd": None},
+    }
+
+
 def test_recorded_cells_are_reused_unless_forced(suite_run, base) -> None:
     out, first, _ = suite_run
     runner = CountingRunner()
