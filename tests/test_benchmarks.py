@@ -327,9 +327,9 @@ def test_every_cell_of_a_suite_is_a_valid_run_config(name, tmp_path) -> None:
     from benchmarks.suites import cell_run_config
     from server_app.strategies import validate_run_config
 
-    suite = SUITES[name]
+    suite, base = SUITES[name], suite_base(tmp_path)
     for cell in suite.cells:
-        validate_run_config(cell_run_config(cell, suite_base(tmp_path), suite.sizes, tmp_path))
+        validate_run_config(cell_run_config(cell, base, suite.sizes, tmp_path))
 
 
 @pytest.mark.skipif(
